@@ -1,0 +1,896 @@
+//! Configuration: `proxy.toml` merged with `SMTP_OAUTH_BRIDGE_*` environment variables, read
+//! into a raw serde layer and then checked into a [`Config`] of typed values.
+//!
+//! Everything is validated before a socket is bound. Errors name the key and what was expected
+//! but never echo the value, because the value may be a secret.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/smtp-oauth-bridge/proxy.toml";
+/// Prefix of environment variables that override configuration keys
+/// (`SMTP_OAUTH_BRIDGE_SERVER__HOSTNAME=mail.local` sets `server.hostname`).
+pub const ENV_PREFIX: &str = "SMTP_OAUTH_BRIDGE_";
+/// Office365's message size limit (150 MiB), advertised when nothing lower is configured.
+pub const OFFICE365_MAX_SIZE: u64 = 157_286_400;
+/// Gmail's message size limit as its servers advertise it.
+pub const GMAIL_MAX_SIZE: u64 = 35_882_577;
+
+const OFFICE365_SCOPE_APP: &str = "https://outlook.office365.com/.default";
+const OFFICE365_SCOPE_DELEGATED: &str = "https://outlook.office.com/SMTP.Send";
+const GMAIL_SCOPE: &str = "https://mail.google.com/";
+
+/// A configuration problem, printed as one line: the key, then what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.problem)
+        } else {
+            write!(f, "{}: {}", self.key, self.problem)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The checked configuration the daemon runs with.
+pub struct Config {
+    pub server: ServerSettings,
+    pub timeouts: Timeouts,
+    /// Extra CA certificates trusted for the upstream and the token endpoint.
+    pub extra_ca_file: Option<PathBuf>,
+    pub store: StoreSettings,
+    pub sandbox: Option<SandboxSettings>,
+    pub log: LogSettings,
+    pub accounts: Vec<Account>,
+}
+
+pub struct ServerSettings {
+    pub listen: Vec<SocketAddr>,
+    /// The name in the greeting and the EHLO reply, and the name the bridge gives upstream.
+    pub hostname: String,
+    /// Largest message accepted from clients; advertised in EHLO as SIZE.
+    pub max_message_size: u64,
+    /// Unknown or out-of-place commands tolerated before the connection is closed.
+    pub max_errors: u32,
+}
+
+/// How long each phase may take before the bridge gives up on it.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Waiting for the next command or the next DATA bytes from a client.
+    pub client_idle: Duration,
+    /// TCP connect plus TLS handshake plus greeting, toward the upstream.
+    pub upstream_connect: Duration,
+    /// Each upstream command's reply.
+    pub upstream_command: Duration,
+    /// The upstream's reply after the end of DATA, which can take minutes for large messages.
+    pub upstream_data_end: Duration,
+    /// Each request to the token endpoint.
+    pub token_request: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            client_idle: Duration::from_secs(300),
+            upstream_connect: Duration::from_secs(30),
+            upstream_command: Duration::from_secs(120),
+            upstream_data_end: Duration::from_secs(600),
+            token_request: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct StoreSettings {
+    pub directory: PathBuf,
+}
+
+pub struct SandboxSettings {
+    /// Where the stand-in Office365 writes the messages it accepts.
+    pub mail_dir: PathBuf,
+}
+
+pub struct LogSettings {
+    /// A tracing filter directive, e.g. `info` or `smtp_oauth_bridge=debug`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Which provider an account talks to; sets defaults for endpoints, scopes and the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Office365,
+    Gmail,
+    /// The built-in stand-ins for Entra and Office365 (`[sandbox]`).
+    Sandbox,
+}
+
+/// How the bridge obtains access tokens for an account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Flow {
+    /// App-only: the application's own credential, no user involved.
+    ClientCredentials,
+    /// Delegated: a refresh token an administrator imported once.
+    RefreshToken,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    /// Plain connect, then STARTTLS (Office365 on 587).
+    Starttls,
+    /// TLS from the first byte (Gmail on 465).
+    Implicit,
+}
+
+/// A local user, the mailbox it sends as, and how to get tokens for it.
+pub struct Account {
+    /// Short name used by `import-token` and in logs.
+    pub name: String,
+    /// The username the legacy client sends, lower-cased for case-insensitive matching.
+    pub username: String,
+    /// PHC string of the argon2 hash of the local password.
+    pub password_hash: String,
+    /// The address put in XOAUTH2's `user=`.
+    pub mailbox: String,
+    pub provider: Provider,
+    pub oauth: OAuthSettings,
+    pub upstream: UpstreamSettings,
+}
+
+pub struct OAuthSettings {
+    pub flow: Flow,
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: Option<SecretString>,
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: UpstreamTls,
+}
+
+// === redacted Debug: secrets never reach a formatted string ===
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.server.listen)
+            .field("hostname", &self.server.hostname)
+            .field("accounts", &self.accounts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for Account {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Account")
+            .field("name", &self.name)
+            .field("username", &self.username)
+            .field("mailbox", &self.mailbox)
+            .field("provider", &self.provider)
+            .field("oauth", &self.oauth)
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for OAuthSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OAuthSettings")
+            .field("flow", &self.flow)
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .field("scopes", &self.scopes)
+            .finish()
+    }
+}
+
+// === raw layer: what serde reads ===
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    store: RawStore,
+    sandbox: Option<RawSandbox>,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    accounts: Vec<RawAccount>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Vec<String>>,
+    hostname: Option<String>,
+    max_message_size: Option<u64>,
+    max_errors: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    client_idle: Option<u64>,
+    upstream_connect: Option<u64>,
+    upstream_command: Option<u64>,
+    upstream_data_end: Option<u64>,
+    token_request: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    extra_ca_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    directory: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSandbox {
+    #[serde(default = "default_true")]
+    enabled: bool,
+    mail_dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<LogFormat>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    name: Option<String>,
+    username: Option<String>,
+    password_hash: Option<String>,
+    mailbox: Option<String>,
+    provider: Option<Provider>,
+    flow: Option<Flow>,
+    tenant: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<SecretString>,
+    client_secret_file: Option<PathBuf>,
+    client_secret_env: Option<String>,
+    token_url: Option<String>,
+    scopes: Option<Vec<String>>,
+    upstream: Option<String>,
+    upstream_tls: Option<UpstreamTls>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Config {
+    /// Reads `path` (which must exist; parent directories are never searched) and the
+    /// environment, and checks the result.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if !path.is_file() {
+            return Err(err(
+                "",
+                format!("config file {} does not exist", path.display()),
+            ));
+        }
+        let figment = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed(ENV_PREFIX).ignore(&["CONFIG"]).split("__"));
+        Self::from_figment(figment)
+    }
+
+    /// Checks configuration given as TOML text (tests and `check-config` of snippets).
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::string(text)))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let raw: RawConfig = figment.extract().map_err(describe_figment_error)?;
+        check(raw)
+    }
+
+    /// The account a local username belongs to, matched case-insensitively.
+    pub fn account_by_username(&self, username: &str) -> Option<&Account> {
+        let wanted = username.to_ascii_lowercase();
+        self.accounts.iter().find(|a| a.username == wanted)
+    }
+
+    pub fn account_by_name(&self, name: &str) -> Option<&Account> {
+        self.accounts.iter().find(|a| a.name == name)
+    }
+
+    /// Whether any account needs the on-disk store (refresh tokens).
+    pub fn needs_store(&self) -> bool {
+        self.accounts
+            .iter()
+            .any(|a| a.oauth.flow == Flow::RefreshToken)
+    }
+}
+
+/// Turns figment's error into ours without the offending value: figment's own messages echo
+/// values ("found string \"hunter2\""), and a mistyped secret must not reach a log.
+fn describe_figment_error(error: figment::Error) -> ConfigError {
+    use figment::error::Kind;
+    let key = error.path.join(".");
+    let problem = match &error.kind {
+        Kind::Message(m) => m.clone(),
+        Kind::InvalidType(_, expected) => format!("wrong type, expected {expected}"),
+        Kind::InvalidValue(_, expected) => format!("invalid value, expected {expected}"),
+        Kind::InvalidLength(_, expected) => format!("wrong length, expected {expected}"),
+        Kind::UnknownVariant(_, allowed) => format!("unknown value, expected one of {allowed:?}"),
+        Kind::UnknownField(field, _) => {
+            return err(
+                join_key(&key, field),
+                "unknown key (a typo? every key is documented in the shipped proxy.toml)",
+            );
+        }
+        Kind::MissingField(field) => return err(join_key(&key, field), "missing"),
+        Kind::DuplicateField(field) => return err(join_key(&key, field), "given twice"),
+        Kind::ISizeOutOfRange(_) | Kind::USizeOutOfRange(_) => "number out of range".into(),
+        Kind::Unsupported(_) | Kind::UnsupportedKey(_, _) => "unsupported value".into(),
+    };
+    let source = error
+        .metadata
+        .as_ref()
+        .and_then(|m| m.source.as_ref())
+        .map(|s| format!(" (from {s})"))
+        .unwrap_or_default();
+    err(key, format!("{problem}{source}"))
+}
+
+fn join_key(prefix: &str, field: &str) -> String {
+    if prefix == field || prefix.ends_with(&format!(".{field}")) {
+        prefix.to_string()
+    } else if prefix.is_empty() {
+        field.to_string()
+    } else {
+        format!("{prefix}.{field}")
+    }
+}
+
+fn check(raw: RawConfig) -> Result<Config, ConfigError> {
+    let server = check_server(raw.server)?;
+    let timeouts = check_timeouts(&raw.timeouts)?;
+    let sandbox = match raw.sandbox {
+        Some(s) if s.enabled => Some(SandboxSettings {
+            mail_dir: s.mail_dir.unwrap_or_else(|| PathBuf::from("sandbox-mail")),
+        }),
+        _ => None,
+    };
+    let store_dir = raw
+        .store
+        .directory
+        .or_else(|| std::env::var_os("STATE_DIRECTORY").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/smtp-oauth-bridge"));
+    let log = LogSettings {
+        level: raw.log.level.unwrap_or_else(|| "info".into()),
+        format: raw.log.format.unwrap_or(LogFormat::Text),
+    };
+
+    let mut accounts = Vec::with_capacity(raw.accounts.len());
+    let mut names = HashSet::new();
+    let mut usernames = HashSet::new();
+    for (i, raw_account) in raw.accounts.into_iter().enumerate() {
+        let account = check_account(i, raw_account, sandbox.is_some())?;
+        if !names.insert(account.name.clone()) {
+            return Err(err(format!("accounts[{i}].name"), "used by two accounts"));
+        }
+        if !usernames.insert(account.username.clone()) {
+            return Err(err(
+                format!("accounts[{i}].username"),
+                "used by two accounts",
+            ));
+        }
+        accounts.push(account);
+    }
+    if accounts.is_empty() {
+        return Err(err(
+            "accounts",
+            "no [[accounts]] configured; the bridge would refuse every login",
+        ));
+    }
+    let max_message_size = server.max_message_size;
+    Ok(Config {
+        server: ServerSettings {
+            max_message_size: max_message_size.unwrap_or_else(|| {
+                // Advertise what every configured provider accepts, so a client learns the
+                // limit at EHLO rather than after uploading.
+                accounts
+                    .iter()
+                    .map(|a| match a.provider {
+                        Provider::Gmail => GMAIL_MAX_SIZE,
+                        Provider::Office365 | Provider::Sandbox => OFFICE365_MAX_SIZE,
+                    })
+                    .min()
+                    .unwrap_or(OFFICE365_MAX_SIZE)
+            }),
+            listen: server.listen,
+            hostname: server.hostname,
+            max_errors: server.max_errors,
+        },
+        timeouts,
+        extra_ca_file: raw.tls.extra_ca_file,
+        store: StoreSettings {
+            directory: store_dir,
+        },
+        sandbox,
+        log,
+        accounts,
+    })
+}
+
+struct CheckedServer {
+    listen: Vec<SocketAddr>,
+    hostname: String,
+    max_message_size: Option<u64>,
+    max_errors: u32,
+}
+
+fn check_server(raw: RawServer) -> Result<CheckedServer, ConfigError> {
+    let listen_raw = raw
+        .listen
+        .unwrap_or_else(|| vec!["127.0.0.1:1587".into(), "[::1]:1587".into()]);
+    if listen_raw.is_empty() {
+        return Err(err("server.listen", "needs at least one address"));
+    }
+    let mut listen = Vec::new();
+    for (i, text) in listen_raw.iter().enumerate() {
+        let addr: SocketAddr = text.parse().map_err(|_| {
+            err(
+                format!("server.listen[{i}]"),
+                "expected an IP address and port such as \"127.0.0.1:1587\" or \"[::1]:1587\"",
+            )
+        })?;
+        // Until local TLS exists, credentials from clients cross the wire in clear text;
+        // only loopback keeps them on this machine.
+        if !addr.ip().is_loopback() {
+            return Err(err(
+                format!("server.listen[{i}]"),
+                "only loopback addresses (127.0.0.0/8, ::1) are allowed: clients send their \
+                 password in clear text",
+            ));
+        }
+        listen.push(addr);
+    }
+    let hostname = raw.hostname.unwrap_or_else(|| "localhost".into());
+    if hostname.is_empty() || !hostname.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(err("server.hostname", "must be a host name without spaces"));
+    }
+    if raw.max_message_size == Some(0) {
+        return Err(err("server.max_message_size", "must be greater than 0"));
+    }
+    Ok(CheckedServer {
+        listen,
+        hostname,
+        max_message_size: raw.max_message_size,
+        max_errors: raw.max_errors.unwrap_or(10),
+    })
+}
+
+fn check_timeouts(raw: &RawTimeouts) -> Result<Timeouts, ConfigError> {
+    let d = Timeouts::default();
+    let pick = |key: &str, value: Option<u64>, default: Duration| match value {
+        Some(0) => Err(err(format!("timeouts.{key}"), "must be at least 1 second")),
+        Some(s) => Ok(Duration::from_secs(s)),
+        None => Ok(default),
+    };
+    Ok(Timeouts {
+        client_idle: pick("client_idle", raw.client_idle, d.client_idle)?,
+        upstream_connect: pick("upstream_connect", raw.upstream_connect, d.upstream_connect)?,
+        upstream_command: pick("upstream_command", raw.upstream_command, d.upstream_command)?,
+        upstream_data_end: pick(
+            "upstream_data_end",
+            raw.upstream_data_end,
+            d.upstream_data_end,
+        )?,
+        token_request: pick("token_request", raw.token_request, d.token_request)?,
+    })
+}
+
+fn check_account(i: usize, raw: RawAccount, sandbox_on: bool) -> Result<Account, ConfigError> {
+    let key = |field: &str| format!("accounts[{i}].{field}");
+
+    let username = raw
+        .username
+        .ok_or_else(|| err(key("username"), "missing"))?
+        .trim()
+        .to_ascii_lowercase();
+    if username.is_empty() {
+        return Err(err(key("username"), "must not be empty"));
+    }
+    let name = raw.name.unwrap_or_else(|| username.clone());
+    let password_hash = raw.password_hash.ok_or_else(|| {
+        err(
+            key("password_hash"),
+            "missing (make one with `smtp-oauth-bridge hash-password`)",
+        )
+    })?;
+    crate::users::check_hash(&password_hash).map_err(|problem| {
+        err(
+            key("password_hash"),
+            format!("{problem} (make one with `smtp-oauth-bridge hash-password`)"),
+        )
+    })?;
+    let mailbox = raw.mailbox.unwrap_or_else(|| username.clone());
+    if !mailbox.contains('@') || mailbox.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(err(key("mailbox"), "must be an e-mail address"));
+    }
+    let provider = raw.provider.unwrap_or(Provider::Office365);
+    if provider == Provider::Sandbox && !sandbox_on {
+        return Err(err(
+            key("provider"),
+            "is \"sandbox\" but [sandbox] is not enabled",
+        ));
+    }
+    if provider != Provider::Sandbox && crate::users::is_demo_hash(&password_hash) {
+        return Err(err(
+            key("password_hash"),
+            "is the sandbox demo password, which only sandbox accounts may use \
+             (make a new one with `smtp-oauth-bridge hash-password`)",
+        ));
+    }
+
+    let flow = raw.flow.unwrap_or(match provider {
+        Provider::Office365 | Provider::Sandbox => Flow::ClientCredentials,
+        Provider::Gmail => Flow::RefreshToken,
+    });
+    if provider == Provider::Gmail && flow == Flow::ClientCredentials {
+        return Err(err(
+            key("flow"),
+            "Gmail has no client-credentials grant for SMTP; use \"refresh_token\"",
+        ));
+    }
+
+    let client_secret = client_secret(
+        &key,
+        raw.client_secret,
+        raw.client_secret_file,
+        raw.client_secret_env,
+    )?;
+
+    let (token_url, client_id, scopes) = if provider == Provider::Sandbox {
+        // Filled in when the sandbox starts and its ports are known.
+        (
+            String::new(),
+            String::new(),
+            vec![OFFICE365_SCOPE_APP.to_string()],
+        )
+    } else {
+        let client_id = raw
+            .client_id
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| err(key("client_id"), "missing (the application (client) id)"))?;
+        let token_url = match (raw.token_url, provider) {
+            (Some(url), _) => url,
+            (None, Provider::Gmail) => "https://oauth2.googleapis.com/token".into(),
+            (None, _) => {
+                let tenant = raw.tenant.filter(|t| !t.trim().is_empty()).ok_or_else(|| {
+                    err(
+                        key("tenant"),
+                        "missing (the directory (tenant) id or domain, e.g. contoso.onmicrosoft.com)",
+                    )
+                })?;
+                if flow == Flow::ClientCredentials
+                    && matches!(tenant.as_str(), "common" | "organizations" | "consumers")
+                {
+                    return Err(err(
+                        key("tenant"),
+                        "client credentials need a tenant id or domain, not common/organizations/consumers",
+                    ));
+                }
+                format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token")
+            }
+        };
+        let parsed =
+            url::Url::parse(&token_url).map_err(|_| err(key("token_url"), "not a valid URL"))?;
+        let loopback = matches!(parsed.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+        if parsed.scheme() != "https" && !(parsed.scheme() == "http" && loopback) {
+            return Err(err(
+                key("token_url"),
+                "must be https (plain http only to a loopback address)",
+            ));
+        }
+        let scopes = raw.scopes.unwrap_or_else(|| match (provider, flow) {
+            (Provider::Gmail, _) => vec![GMAIL_SCOPE.into()],
+            (_, Flow::ClientCredentials) => vec![OFFICE365_SCOPE_APP.into()],
+            (_, Flow::RefreshToken) => {
+                vec![OFFICE365_SCOPE_DELEGATED.into(), "offline_access".into()]
+            }
+        });
+        if scopes.is_empty() {
+            return Err(err(key("scopes"), "needs at least one scope"));
+        }
+        (token_url, client_id, scopes)
+    };
+    if flow == Flow::ClientCredentials && provider != Provider::Sandbox && client_secret.is_none() {
+        return Err(err(
+            key("client_secret"),
+            "missing: client credentials need client_secret, client_secret_file or client_secret_env",
+        ));
+    }
+
+    let (default_host, default_port, default_tls) = match provider {
+        Provider::Office365 | Provider::Sandbox => {
+            ("smtp.office365.com", 587, UpstreamTls::Starttls)
+        }
+        Provider::Gmail => ("smtp.gmail.com", 465, UpstreamTls::Implicit),
+    };
+    let upstream = match raw.upstream {
+        Some(text) => {
+            let (host, port) = split_host_port(&text).ok_or_else(|| {
+                err(
+                    key("upstream"),
+                    "expected host:port, e.g. smtp.office365.com:587",
+                )
+            })?;
+            let tls = raw.upstream_tls.unwrap_or(if port == 465 {
+                UpstreamTls::Implicit
+            } else {
+                UpstreamTls::Starttls
+            });
+            UpstreamSettings { host, port, tls }
+        }
+        None => UpstreamSettings {
+            host: default_host.into(),
+            port: default_port,
+            tls: raw.upstream_tls.unwrap_or(default_tls),
+        },
+    };
+    if rustls::pki_types::ServerName::try_from(upstream.host.as_str()).is_err() {
+        return Err(err(
+            key("upstream"),
+            "host is not a valid DNS name or IP address",
+        ));
+    }
+
+    Ok(Account {
+        name,
+        username,
+        password_hash,
+        mailbox,
+        provider,
+        oauth: OAuthSettings {
+            flow,
+            token_url,
+            client_id,
+            client_secret,
+            scopes,
+        },
+        upstream,
+    })
+}
+
+fn client_secret(
+    key: &dyn Fn(&str) -> String,
+    inline: Option<SecretString>,
+    file: Option<PathBuf>,
+    env: Option<String>,
+) -> Result<Option<SecretString>, ConfigError> {
+    let given = [inline.is_some(), file.is_some(), env.is_some()];
+    if given.iter().filter(|g| **g).count() > 1 {
+        return Err(err(
+            key("client_secret"),
+            "give only one of client_secret, client_secret_file, client_secret_env",
+        ));
+    }
+    if let Some(secret) = inline {
+        return Ok(Some(secret));
+    }
+    if let Some(path) = file {
+        // A relative name is looked up among systemd credentials first (LoadCredential=).
+        let resolved = match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(dir) if path.is_relative() => PathBuf::from(dir).join(&path),
+            _ => path.clone(),
+        };
+        let text = std::fs::read_to_string(&resolved).map_err(|e| {
+            err(
+                key("client_secret_file"),
+                format!("cannot read {}: {}", resolved.display(), e.kind()),
+            )
+        })?;
+        let secret = text.trim_end_matches(['\r', '\n']).to_string();
+        if secret.is_empty() {
+            return Err(err(key("client_secret_file"), "file is empty"));
+        }
+        return Ok(Some(SecretString::from(secret)));
+    }
+    if let Some(var) = env {
+        let value = std::env::var(&var).map_err(|_| {
+            err(
+                key("client_secret_env"),
+                format!("environment variable {var} is not set"),
+            )
+        })?;
+        return Ok(Some(SecretString::from(value)));
+    }
+    Ok(None)
+}
+
+fn split_host_port(text: &str) -> Option<(String, u16)> {
+    let (host, port) = text.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_string(), port))
+}
+
+/// Fills in a sandbox account's endpoints once the stand-ins are listening.
+pub fn bind_sandbox_account(
+    account: &mut Account,
+    token_url: String,
+    client_id: String,
+    client_secret: &SecretString,
+    upstream: SocketAddr,
+) {
+    account.oauth.token_url = token_url;
+    account.oauth.client_id = client_id;
+    account.oauth.client_secret =
+        Some(SecretString::from(client_secret.expose_secret().to_owned()));
+    account.upstream = UpstreamSettings {
+        host: upstream.ip().to_string(),
+        port: upstream.port(),
+        tls: UpstreamTls::Starttls,
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash() -> String {
+        crate::users::hash_password("pw").unwrap()
+    }
+
+    fn office365(extra: &str) -> String {
+        office365_with_hash(&hash(), extra)
+    }
+
+    fn office365_with_hash(hash: &str, extra: &str) -> String {
+        format!(
+            "[[accounts]]\nusername = \"Printer@Contoso.com\"\npassword_hash = \"{hash}\"\n\
+             tenant = \"contoso.onmicrosoft.com\"\nclient_id = \"app\"\nclient_secret = \"hunter2-secret\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn office365_defaults() {
+        let config = Config::from_toml_str(&office365("")).unwrap();
+        let account = &config.accounts[0];
+        assert_eq!(account.username, "printer@contoso.com");
+        assert_eq!(account.mailbox, "printer@contoso.com");
+        assert_eq!(account.oauth.flow, Flow::ClientCredentials);
+        assert_eq!(
+            account.oauth.token_url,
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        assert_eq!(account.oauth.scopes, vec![OFFICE365_SCOPE_APP]);
+        assert_eq!(account.upstream.host, "smtp.office365.com");
+        assert_eq!(account.upstream.port, 587);
+        assert_eq!(account.upstream.tls, UpstreamTls::Starttls);
+        assert_eq!(config.server.max_message_size, OFFICE365_MAX_SIZE);
+        assert_eq!(config.server.listen.len(), 2);
+        assert!(config.account_by_username("PRINTER@contoso.COM").is_some());
+    }
+
+    #[test]
+    fn errors_name_the_key_never_the_value() {
+        let text = office365("").replace(
+            "client_secret = \"hunter2-secret\"",
+            "client_secret = [\"hunter2-secret\"]",
+        );
+        let e = Config::from_toml_str(&text).err().unwrap();
+        assert_eq!(e.key, "accounts.0.client_secret");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+
+        let text = office365("").replace("tenant", "tennant");
+        let e = Config::from_toml_str(&text).err().unwrap();
+        assert_eq!(e.key, "accounts.0.tennant");
+        assert!(e.problem.contains("unknown key"));
+
+        let e = Config::from_toml_str(&office365("").replace("client_id = \"app\"\n", ""))
+            .err()
+            .unwrap();
+        assert_eq!(e.key, "accounts[0].client_id");
+
+        let e = Config::from_toml_str(&format!(
+            "[server]\nlisten = [\"0.0.0.0:25\"]\n{}",
+            office365("")
+        ))
+        .err()
+        .unwrap();
+        assert_eq!(e.key, "server.listen[0]");
+    }
+
+    #[test]
+    fn debug_output_hides_the_client_secret() {
+        let config = Config::from_toml_str(&office365("")).unwrap();
+        let text = format!("{config:?}");
+        assert!(text.contains("printer@contoso.com"));
+        assert!(!text.contains("hunter2"));
+    }
+
+    #[test]
+    fn demo_password_is_refused_outside_the_sandbox() {
+        let text = office365_with_hash(crate::users::DEMO_PASSWORD_HASH, "");
+        let e = Config::from_toml_str(&text).err().unwrap();
+        assert_eq!(e.key, "accounts[0].password_hash");
+    }
+
+    #[test]
+    fn gmail_defaults_and_upstream_override() {
+        let text = format!(
+            "[[accounts]]\nusername = \"a@gmail.com\"\npassword_hash = \"{}\"\nprovider = \"gmail\"\nclient_id = \"x\"\n",
+            hash()
+        );
+        let config = Config::from_toml_str(&text).unwrap();
+        let a = &config.accounts[0];
+        assert_eq!(a.oauth.flow, Flow::RefreshToken);
+        assert_eq!(
+            (a.upstream.host.as_str(), a.upstream.port),
+            ("smtp.gmail.com", 465)
+        );
+        assert_eq!(a.upstream.tls, UpstreamTls::Implicit);
+        assert_eq!(config.server.max_message_size, GMAIL_MAX_SIZE);
+
+        let config = Config::from_toml_str(&office365("upstream = \"[::1]:2525\"\n")).unwrap();
+        let u = &config.accounts[0].upstream;
+        assert_eq!(
+            (u.host.as_str(), u.port, u.tls),
+            ("::1", 2525, UpstreamTls::Starttls)
+        );
+    }
+}
