@@ -1,0 +1,342 @@
+//! The SMTP client toward the provider: connect, TLS (STARTTLS or implicit), EHLO, and
+//! `AUTH XOAUTH2` in the two-step form; then one command at a time, each with its own
+//! timeout, keeping the provider's reply intact so the session can relay it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use secrecy::ExposeSecret;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::{Timeouts, UpstreamSettings, UpstreamTls};
+use crate::io::Stream;
+use crate::oauth::AccessToken;
+use crate::smtp::{Capabilities, Reply, ReplyError, parse_ehlo, parse_reply};
+
+/// The phase of the upstream conversation an error happened in, for messages and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Connect,
+    Greeting,
+    Ehlo,
+    StartTls,
+    TlsHandshake,
+    Auth,
+    Command,
+    Data,
+    DataEnd,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Connect => "connect",
+            Phase::Greeting => "greeting",
+            Phase::Ehlo => "EHLO",
+            Phase::StartTls => "STARTTLS",
+            Phase::TlsHandshake => "TLS handshake",
+            Phase::Auth => "AUTH XOAUTH2",
+            Phase::Command => "command",
+            Phase::Data => "DATA transfer",
+            Phase::DataEnd => "end of DATA",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{phase} timed out after {}s", after.as_secs())]
+    Timeout { phase: Phase, after: Duration },
+    #[error("{phase} failed: {source}")]
+    Io {
+        phase: Phase,
+        source: std::io::Error,
+    },
+    #[error("{phase}: upstream closed the connection")]
+    Closed { phase: Phase },
+    #[error("{phase}: unreadable reply from upstream: {source}")]
+    Protocol { phase: Phase, source: ReplyError },
+    /// The provider answered, but not with what was needed; the reply is kept for relaying.
+    #[error("{phase}: upstream replied {}", reply.text_with_code())]
+    Rejected { phase: Phase, reply: Reply },
+    #[error("upstream does not offer STARTTLS; refusing to send credentials in clear text")]
+    NoStartTls,
+    #[error("upstream does not offer AUTH XOAUTH2 (it offers: {offered})")]
+    NoXoauth2 { offered: String },
+    #[error("upstream sent data after its STARTTLS reply before the TLS handshake")]
+    StartTlsInjection,
+    #[error("invalid upstream host name {0}")]
+    BadHostName(String),
+}
+
+impl UpstreamError {
+    /// The provider's own reply, when the failure is one.
+    pub fn reply(&self) -> Option<&Reply> {
+        match self {
+            UpstreamError::Rejected { reply, .. } => Some(reply),
+            _ => None,
+        }
+    }
+}
+
+/// What the session needs to open an authenticated upstream connection.
+pub struct Target<'a> {
+    pub settings: &'a UpstreamSettings,
+    pub tls: &'a Arc<rustls::ClientConfig>,
+    /// Our name in EHLO.
+    pub ehlo_name: &'a str,
+    /// The mailbox in XOAUTH2's `user=`.
+    pub mailbox: &'a str,
+    pub timeouts: Timeouts,
+}
+
+/// An authenticated SMTP connection to the provider.
+pub struct Upstream {
+    stream: Stream,
+    buf: Vec<u8>,
+    capabilities: Capabilities,
+    timeouts: Timeouts,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("capabilities", &self.capabilities)
+            .finish_non_exhaustive()
+    }
+}
+
+const READ_CHUNK: usize = 16 * 1024;
+
+impl Upstream {
+    /// Connects, secures and authenticates. On failure nothing is left open.
+    pub async fn connect(
+        target: &Target<'_>,
+        token: &AccessToken,
+    ) -> Result<Upstream, UpstreamError> {
+        let t = target.timeouts;
+        let settings = target.settings;
+        let server_name = ServerName::try_from(settings.host.clone())
+            .map_err(|_| UpstreamError::BadHostName(settings.host.clone()))?;
+        let connector = TlsConnector::from(target.tls.clone());
+
+        let tcp = within(
+            Phase::Connect,
+            t.upstream_connect,
+            TcpStream::connect((settings.host.as_str(), settings.port)),
+        )
+        .await?;
+        let _ = tcp.set_nodelay(true);
+
+        let stream = match settings.tls {
+            UpstreamTls::Implicit => {
+                let tls = within(
+                    Phase::TlsHandshake,
+                    t.upstream_connect,
+                    connector.connect(server_name.clone(), tcp),
+                )
+                .await?;
+                Stream::ClientTls(Box::new(tls))
+            }
+            UpstreamTls::Starttls => Stream::Tcp(tcp),
+        };
+        let mut up = Upstream {
+            stream,
+            buf: Vec::with_capacity(READ_CHUNK),
+            capabilities: Capabilities::default(),
+            timeouts: t,
+        };
+        let greeting = up.read_reply(Phase::Greeting, t.upstream_connect).await?;
+        expect(Phase::Greeting, greeting, 220)?;
+        up.ehlo(target.ehlo_name).await?;
+
+        if settings.tls == UpstreamTls::Starttls {
+            if !up.capabilities.starttls {
+                return Err(UpstreamError::NoStartTls);
+            }
+            let reply = up.command_in(Phase::StartTls, b"STARTTLS\r\n").await?;
+            expect(Phase::StartTls, reply, 220)?;
+            // Anything the server sent after its 220 arrived unprotected and would later be
+            // read as if it came over TLS (response injection): refuse to go on.
+            if !up.buf.is_empty() {
+                return Err(UpstreamError::StartTlsInjection);
+            }
+            let Stream::Tcp(tcp) = up.stream else {
+                unreachable!("STARTTLS is only sent on a plain connection");
+            };
+            let tls = within(
+                Phase::TlsHandshake,
+                t.upstream_connect,
+                connector.connect(server_name, tcp),
+            )
+            .await?;
+            up.stream = Stream::ClientTls(Box::new(tls));
+            // Everything learnt before TLS is forgotten (RFC 3207 section 4.2).
+            up.capabilities = Capabilities::default();
+            up.ehlo(target.ehlo_name).await?;
+        }
+
+        if !up.capabilities.supports_auth("XOAUTH2") {
+            return Err(UpstreamError::NoXoauth2 {
+                offered: up.capabilities.auth.join(" "),
+            });
+        }
+        up.auth_xoauth2(target.mailbox, token).await?;
+        Ok(up)
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
+    async fn ehlo(&mut self, name: &str) -> Result<(), UpstreamError> {
+        let line = format!("EHLO {name}\r\n");
+        let reply = self.command_in(Phase::Ehlo, line.as_bytes()).await?;
+        let reply = expect(Phase::Ehlo, reply, 250)?;
+        self.capabilities = parse_ehlo(&reply);
+        Ok(())
+    }
+
+    /// Two-step XOAUTH2: the bare command, the server's empty 334, then the credentials on a
+    /// line of their own. Tokens run to several kilobytes, which an initial response on the
+    /// AUTH line would push past command-line limits.
+    async fn auth_xoauth2(
+        &mut self,
+        mailbox: &str,
+        token: &AccessToken,
+    ) -> Result<(), UpstreamError> {
+        let reply = self.command_in(Phase::Auth, b"AUTH XOAUTH2\r\n").await?;
+        expect(Phase::Auth, reply, 334)?;
+        let response = crate::smtp::sasl::xoauth2_response(mailbox, token.secret.expose_secret());
+        let mut line =
+            zeroize::Zeroizing::new(Vec::with_capacity(response.expose_secret().len() + 2));
+        line.extend_from_slice(response.expose_secret().as_bytes());
+        line.extend_from_slice(b"\r\n");
+        let mut reply = self.command_in(Phase::Auth, &line).await?;
+        if reply.code() == 334 {
+            // Gmail's error challenge (base64 JSON): an empty line fetches the final verdict.
+            reply = self.command_in(Phase::Auth, b"\r\n").await?;
+        }
+        expect(Phase::Auth, reply, 235)?;
+        Ok(())
+    }
+
+    /// Sends one command line (with its CRLF) and reads the reply.
+    pub async fn command(&mut self, line: &[u8]) -> Result<Reply, UpstreamError> {
+        self.command_in(Phase::Command, line).await
+    }
+
+    async fn command_in(&mut self, phase: Phase, line: &[u8]) -> Result<Reply, UpstreamError> {
+        let limit = self.timeouts.upstream_command;
+        self.write_all(phase, line).await?;
+        self.read_reply(phase, limit).await
+    }
+
+    /// Writes message bytes during DATA.
+    pub async fn write_data(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
+        self.write_all(Phase::Data, bytes).await
+    }
+
+    /// Ends DATA and waits (possibly minutes) for the provider's verdict on the message.
+    pub async fn finish_data(&mut self) -> Result<Reply, UpstreamError> {
+        self.write_all(Phase::DataEnd, b".\r\n").await?;
+        let limit = self.timeouts.upstream_data_end;
+        self.read_reply(Phase::DataEnd, limit).await
+    }
+
+    /// Says goodbye politely; errors do not matter any more at this point.
+    pub async fn quit(mut self) {
+        let limit = Duration::from_secs(5).min(self.timeouts.upstream_command);
+        let _ = tokio::time::timeout(limit, async {
+            if self.write_all(Phase::Command, b"QUIT\r\n").await.is_ok() {
+                let _ = self.read_reply(Phase::Command, limit).await;
+            }
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
+    }
+
+    async fn write_all(&mut self, phase: Phase, bytes: &[u8]) -> Result<(), UpstreamError> {
+        let limit = self.timeouts.upstream_command;
+        let stream = &mut self.stream;
+        within(phase, limit, async {
+            stream.write_all(bytes).await?;
+            stream.flush().await
+        })
+        .await
+    }
+
+    async fn read_reply(&mut self, phase: Phase, limit: Duration) -> Result<Reply, UpstreamError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match parse_reply(&self.buf) {
+                Ok(Some((reply, used))) => {
+                    self.buf.drain(..used);
+                    return Ok(reply);
+                }
+                Ok(None) => {}
+                Err(source) => return Err(UpstreamError::Protocol { phase, source }),
+            }
+            let start = self.buf.len();
+            self.buf.resize(start + READ_CHUNK, 0);
+            let read =
+                tokio::time::timeout_at(deadline, self.stream.read(&mut self.buf[start..])).await;
+            let n = match read {
+                Err(_) => {
+                    self.buf.truncate(start);
+                    return Err(UpstreamError::Timeout {
+                        phase,
+                        after: limit,
+                    });
+                }
+                Ok(Err(source)) => {
+                    self.buf.truncate(start);
+                    return Err(UpstreamError::Io { phase, source });
+                }
+                Ok(Ok(n)) => n,
+            };
+            self.buf.truncate(start + n);
+            if n == 0 {
+                return Err(UpstreamError::Closed { phase });
+            }
+        }
+    }
+}
+
+fn expect(phase: Phase, reply: Reply, code: u16) -> Result<Reply, UpstreamError> {
+    if reply.code() == code {
+        Ok(reply)
+    } else {
+        Err(UpstreamError::Rejected { phase, reply })
+    }
+}
+
+async fn within<T>(
+    phase: Phase,
+    limit: Duration,
+    fut: impl Future<Output = std::io::Result<T>>,
+) -> Result<T, UpstreamError> {
+    match tokio::time::timeout(limit, fut).await {
+        Err(_) => Err(UpstreamError::Timeout {
+            phase,
+            after: limit,
+        }),
+        Ok(Err(source)) => Err(UpstreamError::Io { phase, source }),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
+/// `Reply` formatting for error messages: code plus text.
+trait ReplyText {
+    fn text_with_code(&self) -> String;
+}
+
+impl ReplyText for Reply {
+    fn text_with_code(&self) -> String {
+        format!("{} {}", self.code(), self.text())
+    }
+}
