@@ -1,0 +1,179 @@
+//! The command line as an administrator meets it: exit codes, one-line configuration errors
+//! that name the key and never the secret, `hash-password`, `import-token`, and the shipped
+//! `proxy.toml` passing its own check.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn bridge() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_smtp-oauth-bridge"));
+    cmd.env_remove("SMTP_OAUTH_BRIDGE_CONFIG")
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("CREDENTIALS_DIRECTORY");
+    cmd
+}
+
+fn run_with_stdin(mut cmd: Command, stdin: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn shipped_proxy_toml_is_valid() {
+    let out = bridge()
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"),
+            "check-config",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 account(s))"));
+}
+
+#[test]
+fn a_bad_config_prints_one_line_naming_the_key_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let hash = smtp_oauth_bridge::users::hash_password("pw").unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[[accounts]]\nusername = \"a@contoso.com\"\npassword_hash = \"{hash}\"\n\
+             tenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\nclient_secret = 12345678\n"
+        ),
+    )
+    .unwrap();
+    for sub in ["check-config", "run"] {
+        let out = bridge()
+            .arg("--config")
+            .arg(&path)
+            .arg(sub)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{sub}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("accounts.0.client_secret"), "{stderr}");
+        assert!(
+            !stderr.contains("12345678"),
+            "the value may be a secret: {stderr}"
+        );
+    }
+
+    let out = bridge()
+        .args(["--config", "/nonexistent/proxy.toml", "check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
+
+#[test]
+fn hash_password_reads_stdin_and_prints_a_verifiable_hash() {
+    let mut cmd = bridge();
+    cmd.arg("hash-password");
+    let out = run_with_stdin(cmd, "s3cret-local\n");
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap();
+    let hash = hash.trim();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(smtp_oauth_bridge::users::check_hash(hash).is_ok());
+
+    // The hash works in a configuration and the config refuses nothing about it.
+    let toml = format!(
+        "[[accounts]]\nusername = \"a@contoso.com\"\npassword_hash = \"{hash}\"\n\
+         tenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\nclient_secret = \"y\"\n"
+    );
+    assert!(smtp_oauth_bridge::config::Config::from_toml_str(&toml).is_ok());
+
+    let mut cmd = bridge();
+    cmd.arg("hash-password");
+    assert!(
+        !run_with_stdin(cmd, "\n").status.success(),
+        "empty password refused"
+    );
+}
+
+#[test]
+fn import_token_stores_the_refresh_token_encrypted() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let path = dir.path().join("proxy.toml");
+    let hash = smtp_oauth_bridge::users::hash_password("pw").unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[store]\ndirectory = \"{}\"\n[[accounts]]\nname = \"alerts\"\nusername = \"a@contoso.com\"\n\
+             password_hash = \"{hash}\"\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\n\
+             flow = \"refresh_token\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let token = "0.AXYZ-refresh-token-made-for-this-test";
+    let mut cmd = bridge();
+    cmd.arg("--config")
+        .arg(&path)
+        .args(["import-token", "alerts"]);
+    let out = run_with_stdin(cmd, &format!("{token}\n"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(token));
+
+    let store = smtp_oauth_bridge::store::Store::open(&state).unwrap();
+    use secrecy::ExposeSecret;
+    assert_eq!(
+        store
+            .load_refresh_token("alerts")
+            .unwrap()
+            .unwrap()
+            .expose_secret(),
+        token
+    );
+    for entry in walk(&state) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(token.len()).any(|w| w == token.as_bytes()),
+            "clear text in {entry:?}"
+        );
+    }
+
+    let mut cmd = bridge();
+    cmd.arg("--config")
+        .arg(&path)
+        .args(["import-token", "nobody"]);
+    assert_eq!(run_with_stdin(cmd, "x\n").status.code(), Some(64));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

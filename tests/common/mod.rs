@@ -1,0 +1,313 @@
+//! The test stage: a fake Entra token endpoint and a fake Office365 (the same stand-ins as the
+//! product's sandbox mode), a bridge configured through TOML like a real deployment, and a
+//! raw SMTP client that shows exactly what a legacy client would see. Everything listens on
+//! 127.0.0.1 with port 0; nothing dials the internet.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use base64::Engine;
+use smtp_oauth_bridge::config::Config;
+use smtp_oauth_bridge::sandbox::{
+    ClientRegistration, Office365, Office365Config, SandboxCa, TokenEndpoint, TokenEndpointConfig,
+    TokenRegistry,
+};
+use smtp_oauth_bridge::server::{Bridge, Shared};
+use smtp_oauth_bridge::smtp::{Reply, parse_reply};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const USER: &str = "printer@contoso.com";
+pub const PASSWORD: &str = "local-printer-password";
+pub const TENANT: &str = "contoso.onmicrosoft.com";
+pub const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
+
+/// A client secret made at test time, never a constant in the repository.
+pub fn client_secret() -> &'static str {
+    static SECRET: OnceLock<String> = OnceLock::new();
+    SECRET.get_or_init(|| {
+        let mut bytes = [0u8; 24];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).unwrap();
+        format!(
+            "cs~{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+        )
+    })
+}
+
+/// The argon2 hash of [`PASSWORD`], computed once per test binary.
+pub fn password_hash() -> &'static str {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| smtp_oauth_bridge::users::hash_password(PASSWORD).unwrap())
+}
+
+/// How a test wants its stage set up.
+pub struct Options {
+    /// "client_credentials" or "refresh_token".
+    pub flow: &'static str,
+    /// Extra lines appended to the account's TOML table.
+    pub account_extra: String,
+    /// Extra TOML appended at the end (more accounts, settings).
+    pub config_extra: String,
+    pub token_config: TokenEndpointConfig,
+    pub office365: Office365Config,
+    /// Refresh token to put in the store before the bridge starts (refresh_token flow).
+    pub import_refresh_token: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            flow: "client_credentials",
+            account_extra: String::new(),
+            config_extra: String::new(),
+            token_config: TokenEndpointConfig::default(),
+            office365: Office365Config::default(),
+            import_refresh_token: true,
+        }
+    }
+}
+
+pub struct Stage {
+    pub dir: tempfile::TempDir,
+    pub ca: SandboxCa,
+    pub registry: Arc<TokenRegistry>,
+    pub token_endpoint: TokenEndpoint,
+    pub office365: Office365,
+    pub bridge: SocketAddr,
+    pub shared: Arc<Shared>,
+    /// The refresh token imported at start (refresh_token flow).
+    pub imported_refresh_token: Option<String>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Stage {
+    pub async fn start() -> Stage {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(mut options: Options) -> Stage {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = SandboxCa::generate().unwrap();
+        let tls = ca.server_config(&["localhost", "127.0.0.1"]).unwrap();
+        let ca_file = dir.path().join("test-ca.pem");
+        std::fs::write(&ca_file, ca.ca_pem()).unwrap();
+
+        let registry = Arc::new(TokenRegistry::new());
+        options
+            .token_config
+            .clients
+            .push(ClientRegistration::new(CLIENT_ID, client_secret()));
+        let token_endpoint =
+            TokenEndpoint::start(tls.clone(), registry.clone(), options.token_config)
+                .await
+                .unwrap();
+        let office365 = Office365::start(tls, registry.clone(), options.office365)
+            .await
+            .unwrap();
+
+        let store_dir = dir.path().join("state");
+        let toml = format!(
+            r#"
+[server]
+listen = ["127.0.0.1:0"]
+hostname = "bridge.test"
+
+[tls]
+extra_ca_file = "{ca}"
+
+[store]
+directory = "{store}"
+
+[[accounts]]
+name = "printer"
+username = "{USER}"
+password_hash = "{hash}"
+tenant = "{TENANT}"
+client_id = "{CLIENT_ID}"
+client_secret = "{secret}"
+flow = "{flow}"
+token_url = "{token_url}"
+upstream = "127.0.0.1:{port}"
+{account_extra}
+{config_extra}
+"#,
+            ca = ca_file.display(),
+            store = store_dir.display(),
+            hash = password_hash(),
+            secret = client_secret(),
+            flow = options.flow,
+            token_url = token_endpoint.token_url(TENANT),
+            port = office365.addr().port(),
+            account_extra = options.account_extra,
+            config_extra = options.config_extra,
+        );
+        let config = Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("test config: {e}"));
+
+        let mut imported_refresh_token = None;
+        if options.flow == "refresh_token" && options.import_refresh_token {
+            let token = token_endpoint.issue_refresh_token(
+                CLIENT_ID,
+                USER,
+                "https://outlook.office.com/SMTP.Send offline_access",
+            );
+            let store = smtp_oauth_bridge::store::Store::open(&store_dir).unwrap();
+            store
+                .save_refresh_token("printer", &secrecy::SecretString::from(token.clone()))
+                .unwrap();
+            imported_refresh_token = Some(token);
+        }
+
+        let bridge = Bridge::start(config).await.unwrap();
+        let addr = bridge.local_addrs()[0];
+        let shared = bridge.shared().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(bridge.serve(
+            async {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(5),
+        ));
+        Stage {
+            dir,
+            ca,
+            registry,
+            token_endpoint,
+            office365,
+            bridge: addr,
+            shared,
+            imported_refresh_token,
+            stop: Some(stop),
+            served: Some(served),
+        }
+    }
+
+    pub async fn client(&self) -> SmtpClient {
+        SmtpClient::connect(self.bridge).await
+    }
+
+    /// A connected client that has said EHLO and authenticated with AUTH PLAIN.
+    pub async fn logged_in(&self) -> SmtpClient {
+        let mut c = self.client().await;
+        c.ehlo().await;
+        let r = c.auth_plain(USER, PASSWORD).await;
+        assert_eq!(r.code(), 235, "AUTH: {}", r.text());
+        c
+    }
+
+    pub fn store(&self) -> smtp_oauth_bridge::store::Store {
+        smtp_oauth_bridge::store::Store::open(&self.dir.path().join("state")).unwrap()
+    }
+
+    /// Stops accepting and waits for sessions to end.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(served) = self.served.take() {
+            let _ = served.await;
+        }
+    }
+}
+
+/// A legacy client speaking raw SMTP, so tests see exact reply codes and texts.
+pub struct SmtpClient {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+    pub greeting: Reply,
+}
+
+impl SmtpClient {
+    pub async fn connect(addr: SocketAddr) -> SmtpClient {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut c = SmtpClient {
+            stream,
+            buf: Vec::new(),
+            greeting: Reply::new(0, ""),
+        };
+        c.greeting = c.reply().await;
+        assert_eq!(c.greeting.code(), 220);
+        c
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads one reply; fails the test after 20 seconds rather than hanging.
+    pub async fn reply(&mut self) -> Reply {
+        self.try_reply().await.unwrap_or_else(|| {
+            panic!(
+                "connection closed; unparsed: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            )
+        })
+    }
+
+    /// One reply, or `None` when the server closed the connection first.
+    pub async fn try_reply(&mut self) -> Option<Reply> {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if let Some((reply, used)) = parse_reply(&self.buf).expect("valid SMTP reply") {
+                    self.buf.drain(..used);
+                    return Some(reply);
+                }
+                let mut chunk = [0u8; 8192];
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await
+        .expect("no reply within 20 s")
+    }
+
+    pub async fn cmd(&mut self, line: &str) -> Reply {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+
+    pub async fn ehlo(&mut self) -> Reply {
+        let r = self.cmd("EHLO client.test").await;
+        assert_eq!(r.code(), 250);
+        r
+    }
+
+    pub async fn auth_plain(&mut self, user: &str, password: &str) -> Reply {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        self.cmd(&format!("AUTH PLAIN {b64}")).await
+    }
+
+    /// MAIL, RCPT for each recipient, DATA, body, final dot; returns the final reply.
+    pub async fn send_message(&mut self, from: &str, to: &[&str], wire_body: &[u8]) -> Reply {
+        let r = self.cmd(&format!("MAIL FROM:<{from}>")).await;
+        assert_eq!(r.code(), 250, "MAIL: {}", r.text());
+        for rcpt in to {
+            let r = self.cmd(&format!("RCPT TO:<{rcpt}>")).await;
+            assert_eq!(r.code(), 250, "RCPT: {}", r.text());
+        }
+        let r = self.cmd("DATA").await;
+        assert_eq!(r.code(), 354, "DATA: {}", r.text());
+        self.send(wire_body).await;
+        self.send(b".\r\n").await;
+        self.reply().await
+    }
+
+    /// True when the server has closed the connection (reads EOF within 10 s).
+    pub async fn closed(&mut self) -> bool {
+        let mut chunk = [0u8; 1024];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut chunk)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+}
+
+pub fn b64(text: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
