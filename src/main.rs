@@ -90,15 +90,6 @@ fn run(config: Config) -> ExitCode {
         version = env!("CARGO_PKG_VERSION"),
         "smtp-oauth-bridge starting"
     );
-    for account in &config.accounts {
-        tracing::info!(
-            account = %account.name,
-            provider = ?account.provider,
-            flow = ?account.oauth.flow,
-            upstream = %format!("{}:{}", account.upstream.host, account.upstream.port),
-            "account configured"
-        );
-    }
     runtime().block_on(async {
         let bridge = match Bridge::start(config).await {
             Ok(b) => b,

@@ -88,6 +88,15 @@ impl Bridge {
             None => None,
         };
 
+        for account in &config.accounts {
+            tracing::info!(
+                account = %account.name,
+                provider = ?account.provider,
+                flow = ?account.oauth.flow,
+                upstream = %format!("{}:{}", account.upstream.host, account.upstream.port),
+                "account configured"
+            );
+        }
         let tls_client = crate::tls::client_config(config.extra_ca_file.as_deref(), extra_roots)?;
         let store = if config.needs_store() {
             Some(Arc::new(Store::open(&config.store.directory)?))
