@@ -585,3 +585,67 @@ fn c_line(r: &smtp_oauth_bridge::smtp::Reply) -> String {
     let bytes = r.to_bytes();
     String::from_utf8_lossy(&bytes).trim_end().to_string()
 }
+
+#[tokio::test]
+async fn implicit_tls_upstream_like_gmail_465() {
+    let stage = Stage::start_with(common::Options {
+        implicit_tls: true,
+        ..common::Options::default()
+    })
+    .await;
+    let mut c = stage.logged_in().await;
+    let r = c
+        .send_message(USER, &["a@contoso.com"], b"Subject: 465\r\n\r\nhi\r\n")
+        .await;
+    assert_eq!(r.code(), 250, "{}", r.text());
+    assert_eq!(stage.office365.messages().len(), 1);
+    assert!(stage.office365.auth_attempts()[0].two_step);
+}
+
+#[tokio::test]
+async fn an_untrusted_provider_certificate_is_refused() {
+    let stage = Stage::start_with(common::Options {
+        trust_test_ca: false,
+        ..common::Options::default()
+    })
+    .await;
+    // The token endpoint uses the same untrusted CA, so the bridge cannot even get a token:
+    // the client hears a temporary failure and no credentials leave the machine.
+    let mut c = stage.client().await;
+    c.ehlo().await;
+    let r = c.auth_plain(USER, PASSWORD).await;
+    assert_eq!(
+        (r.code(), r.enhanced()),
+        (454, Some("4.7.0")),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        stage.token_endpoint.request_count(),
+        0,
+        "no request over an unverified TLS"
+    );
+    assert!(stage.office365.auth_attempts().is_empty());
+}
+
+#[tokio::test]
+async fn injected_bytes_after_the_upstream_starttls_reply_abort_the_connection() {
+    let stage = Stage::start().await;
+    stage.office365.set_behaviour(Behaviour {
+        inject_after_starttls_220: true,
+        ..Behaviour::default()
+    });
+    let mut c = stage.client().await;
+    c.ehlo().await;
+    let r = c.auth_plain(USER, PASSWORD).await;
+    assert_eq!(
+        (r.code(), r.enhanced()),
+        (454, Some("4.7.0")),
+        "{}",
+        r.text()
+    );
+    assert!(
+        stage.office365.auth_attempts().is_empty(),
+        "no token sent after an injection"
+    );
+}

@@ -177,3 +177,60 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn environment_overrides_keys_and_secrets_come_from_env_or_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let secret_file = dir.path().join("client-secret");
+    std::fs::write(&secret_file, "made-at-test-time\n").unwrap();
+    let hash = smtp_oauth_bridge::users::hash_password("pw").unwrap();
+    let account = |secret_line: &str| {
+        format!(
+            "[[accounts]]\nusername = \"a@contoso.com\"\npassword_hash = \"{hash}\"\n\
+             tenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\n{secret_line}\n"
+        )
+    };
+    let check = |env: &[(&str, &str)]| {
+        let mut cmd = bridge();
+        cmd.arg("--config").arg(&path).arg("check-config");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+
+    std::fs::write(
+        &path,
+        account(&format!(
+            "client_secret_file = \"{}\"",
+            secret_file.display()
+        )),
+    )
+    .unwrap();
+    assert!(check(&[]).status.success());
+    // SMTP_OAUTH_BRIDGE_SECTION__KEY reaches the configuration (and is checked like it).
+    let out = check(&[("SMTP_OAUTH_BRIDGE_SERVER__MAX_ERRORS", "many")]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.max_errors"));
+    assert!(
+        check(&[("SMTP_OAUTH_BRIDGE_SERVER__MAX_ERRORS", "3")])
+            .status
+            .success()
+    );
+
+    std::fs::write(&path, account("client_secret_env = \"TEST_O365_SECRET\"")).unwrap();
+    let out = check(&[]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TEST_O365_SECRET is not set"));
+    assert!(
+        check(&[("TEST_O365_SECRET", "from-the-environment")])
+            .status
+            .success()
+    );
+
+    std::fs::write(&path, account("")).unwrap();
+    let out = check(&[]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("accounts[0].client_secret"));
+}

@@ -56,6 +56,10 @@ pub struct Options {
     pub office365: Office365Config,
     /// Refresh token to put in the store before the bridge starts (refresh_token flow).
     pub import_refresh_token: bool,
+    /// The fake provider speaks TLS from the first byte (Gmail's port 465 style).
+    pub implicit_tls: bool,
+    /// Whether the bridge is told to trust the test CA.
+    pub trust_test_ca: bool,
 }
 
 impl Default for Options {
@@ -67,6 +71,8 @@ impl Default for Options {
             token_config: TokenEndpointConfig::default(),
             office365: Office365Config::default(),
             import_refresh_token: true,
+            implicit_tls: false,
+            trust_test_ca: true,
         }
     }
 }
@@ -106,9 +112,23 @@ impl Stage {
             TokenEndpoint::start(tls.clone(), registry.clone(), options.token_config)
                 .await
                 .unwrap();
-        let office365 = Office365::start(tls, registry.clone(), options.office365)
-            .await
-            .unwrap();
+        let office365 = if options.implicit_tls {
+            Office365::start_implicit_tls(tls, registry.clone(), options.office365).await
+        } else {
+            Office365::start(tls, registry.clone(), options.office365).await
+        }
+        .unwrap();
+        let upstream_tls = if options.implicit_tls {
+            "implicit"
+        } else {
+            "starttls"
+        };
+        // Without the test CA the bridge trusts only the public roots, as in production.
+        let ca_line = if options.trust_test_ca {
+            format!("extra_ca_file = \"{}\"", ca_file.display())
+        } else {
+            String::new()
+        };
 
         let store_dir = dir.path().join("state");
         let toml = format!(
@@ -118,7 +138,7 @@ listen = ["127.0.0.1:0"]
 hostname = "bridge.test"
 
 [tls]
-extra_ca_file = "{ca}"
+{ca_line}
 
 [store]
 directory = "{store}"
@@ -133,10 +153,10 @@ client_secret = "{secret}"
 flow = "{flow}"
 token_url = "{token_url}"
 upstream = "127.0.0.1:{port}"
+upstream_tls = "{upstream_tls}"
 {account_extra}
 {config_extra}
 "#,
-            ca = ca_file.display(),
             store = store_dir.display(),
             hash = password_hash(),
             secret = client_secret(),
