@@ -64,7 +64,15 @@ pub struct Config {
     pub store: StoreSettings,
     pub sandbox: Option<SandboxSettings>,
     pub log: LogSettings,
+    /// The optional loopback HTTP listener for `/metrics` and `/healthz`.
+    pub admin: Option<AdminSettings>,
     pub accounts: Vec<Account>,
+}
+
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    /// Consecutive failed upstream sessions of one account after which `/healthz` says 503.
+    pub upstream_failures_unhealthy: u32,
 }
 
 pub struct ServerSettings {
@@ -90,6 +98,9 @@ pub struct Timeouts {
     pub upstream_data_end: Duration,
     /// Each request to the token endpoint.
     pub token_request: Duration,
+    /// After SIGTERM, how long sessions in flight may take to finish before they are told
+    /// 421 and closed.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Timeouts {
@@ -100,6 +111,7 @@ impl Default for Timeouts {
             upstream_command: Duration::from_secs(120),
             upstream_data_end: Duration::from_secs(600),
             token_request: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -241,8 +253,16 @@ struct RawConfig {
     sandbox: Option<RawSandbox>,
     #[serde(default)]
     log: RawLog,
+    admin: Option<RawAdmin>,
     #[serde(default)]
     accounts: Vec<RawAccount>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    upstream_failures_unhealthy: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -262,6 +282,7 @@ struct RawTimeouts {
     upstream_command: Option<u64>,
     upstream_data_end: Option<u64>,
     token_request: Option<u64>,
+    shutdown_grace: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -414,6 +435,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         .directory
         .or_else(|| std::env::var_os("STATE_DIRECTORY").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("/var/lib/smtp-oauth-bridge"));
+    let admin = raw.admin.map(check_admin).transpose()?;
     let log = LogSettings {
         level: raw.log.level.unwrap_or_else(|| "info".into()),
         format: raw.log.format.unwrap_or(LogFormat::Text),
@@ -467,7 +489,41 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         },
         sandbox,
         log,
+        admin,
         accounts,
+    })
+}
+
+fn check_admin(raw: RawAdmin) -> Result<AdminSettings, ConfigError> {
+    let text = raw.listen.ok_or_else(|| {
+        err(
+            "admin.listen",
+            "missing (e.g. \"127.0.0.1:9725\"; remove [admin] to switch the listener off)",
+        )
+    })?;
+    let listen: SocketAddr = text.parse().map_err(|_| {
+        err(
+            "admin.listen",
+            "expected an IP address and port such as \"127.0.0.1:9725\"",
+        )
+    })?;
+    // Metrics name the accounts and health says which one is broken: keep them local.
+    if !listen.ip().is_loopback() {
+        return Err(err(
+            "admin.listen",
+            "only loopback addresses (127.0.0.0/8, ::1) are allowed",
+        ));
+    }
+    let threshold = raw.upstream_failures_unhealthy.unwrap_or(3);
+    if threshold == 0 {
+        return Err(err(
+            "admin.upstream_failures_unhealthy",
+            "must be at least 1",
+        ));
+    }
+    Ok(AdminSettings {
+        listen,
+        upstream_failures_unhealthy: threshold,
     })
 }
 
@@ -536,6 +592,7 @@ fn check_timeouts(raw: &RawTimeouts) -> Result<Timeouts, ConfigError> {
             d.upstream_data_end,
         )?,
         token_request: pick("token_request", raw.token_request, d.token_request)?,
+        shutdown_grace: pick("shutdown_grace", raw.shutdown_grace, d.shutdown_grace)?,
     })
 }
 
@@ -730,10 +787,7 @@ fn client_secret(
     }
     if let Some(path) = file {
         // A relative name is looked up among systemd credentials first (LoadCredential=).
-        let resolved = match std::env::var_os("CREDENTIALS_DIRECTORY") {
-            Some(dir) if path.is_relative() => PathBuf::from(dir).join(&path),
-            _ => path.clone(),
-        };
+        let resolved = crate::credentials::resolve(&path);
         let text = std::fs::read_to_string(&resolved).map_err(|e| {
             err(
                 key("client_secret_file"),

@@ -161,11 +161,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 }
 
 fn load_or_create_key(dir: &Path, rng: &SystemRandom) -> Result<Zeroizing<Vec<u8>>, StoreError> {
-    if let Some(creds) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-        let path = Path::new(&creds).join(CREDENTIAL_NAME);
-        if path.exists() {
-            return read_key(&path);
-        }
+    if let Some(path) = crate::credentials::find(CREDENTIAL_NAME) {
+        return read_key(&path);
     }
     let path = dir.join(KEY_FILE);
     if path.exists() {

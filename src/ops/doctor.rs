@@ -1,0 +1,1 @@
+//! doctor (placeholder while building)
