@@ -9,6 +9,7 @@
 //! with timestamps, or JSON when configured.
 
 use std::fmt;
+use std::io::IsTerminal;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 
@@ -43,7 +44,10 @@ pub fn init_logging(settings: &LogSettings) {
                     .without_time(),
             ))
             .try_init(),
-        (LogFormat::Text, false) => builder.with_target(false).try_init(),
+        (LogFormat::Text, false) => builder
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
     };
     // A second init (tests) keeps the first subscriber.
     let _ = result;

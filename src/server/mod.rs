@@ -362,7 +362,7 @@ fn unhealthy_after(config: &Config) -> u32 {
 }
 
 /// Points sandbox accounts at the running stand-ins; returns the CA to trust for them.
-fn bind_sandbox(
+pub(crate) fn bind_sandbox(
     config: &mut Config,
     sandbox: Option<&Sandbox>,
 ) -> Vec<rustls::pki_types::CertificateDer<'static>> {
