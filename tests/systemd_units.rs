@@ -49,7 +49,11 @@ fn scratch_root(service: Option<&str>) -> tempfile::TempDir {
         .expect("kill (procps) is installed");
     std::fs::copy(kill, r.join("bin/kill")).unwrap();
     for unit in UNITS {
-        std::fs::copy(unit_dir().join(unit), r.join("etc/systemd/system").join(unit)).unwrap();
+        std::fs::copy(
+            unit_dir().join(unit),
+            r.join("etc/systemd/system").join(unit),
+        )
+        .unwrap();
     }
     if let Some(text) = service {
         std::fs::write(r.join("etc/systemd/system").join(UNITS[0]), text).unwrap();
@@ -77,7 +81,10 @@ fn verify(root: &Path) -> (bool, String) {
 fn the_units_pass_systemd_analyze_verify_without_a_warning() {
     let root = scratch_root(None);
     let (ok, text) = verify(root.path());
-    assert!(ok && text.trim().is_empty(), "systemd-analyze verify:\n{text}");
+    assert!(
+        ok && text.trim().is_empty(),
+        "systemd-analyze verify:\n{text}"
+    );
 
     // The check can fail: a misspelt value is reported.
     let broken = std::fs::read_to_string(unit_dir().join(UNITS[0]))

@@ -314,10 +314,11 @@ impl Bridge {
             "shutting down: no new connections"
         );
         self.metrics.set_draining();
-        let _ = self.lifecycle.send(Lifecycle::Draining);
+        // Listeners close first, so nothing new arrives once sessions hear of the drain.
         for acceptor in acceptors {
             acceptor.stop().await;
         }
+        let _ = self.lifecycle.send(Lifecycle::Draining);
         let mut sessions = sessions.lock().await;
         let drained = async { while sessions.join_next().await.is_some() {} };
         if tokio::time::timeout(grace, drained).await.is_ok() {
