@@ -40,6 +40,7 @@ pub fn init_logging(settings: &LogSettings) {
             .event_format(SyslogPriority(
                 tracing_subscriber::fmt::format()
                     .with_target(false)
+                    .with_level(false)
                     .with_ansi(false)
                     .without_time(),
             ))
