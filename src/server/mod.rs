@@ -23,6 +23,7 @@ pub struct Shared {
     pub config: Config,
     pub tokens: TokenManager,
     pub tls_client: Arc<rustls::ClientConfig>,
+    pub verifier: crate::users::Verifier,
 }
 
 /// Why the bridge could not start.
@@ -117,6 +118,7 @@ impl Bridge {
                 config,
                 tokens,
                 tls_client,
+                verifier: crate::users::Verifier::new(),
             }),
             listeners,
             sandbox,
