@@ -39,7 +39,8 @@ enum Command {
     /// Check configuration, listeners, store key and every account's token and provider
     /// login (nothing is sent); one line per check, non-zero exit on any failure.
     Doctor,
-    /// Print an argon2 hash for a local password (asked for, or read from standard input).
+    /// Print an argon2 hash for a local password: asked for twice on a terminal, otherwise
+    /// the first line of standard input (without its line end).
     HashPassword,
     /// Store a refresh token for ACCOUNT, read from standard input.
     ImportToken {
@@ -224,8 +225,12 @@ fn hash_password() -> ExitCode {
         }
     } else {
         let mut line = String::new();
-        if std::io::stdin().lock().read_line(&mut line).is_err() {
-            eprintln!("smtp-oauth-bridge: cannot read the password from standard input");
+        if let Err(e) = std::io::stdin().lock().read_line(&mut line) {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                eprintln!("smtp-oauth-bridge: the password must be UTF-8 text");
+            } else {
+                eprintln!("smtp-oauth-bridge: cannot read the password from standard input");
+            }
             return ExitCode::FAILURE;
         }
         SecretString::from(line.trim_end_matches(['\r', '\n']).to_string())
@@ -256,8 +261,8 @@ fn import_token(config: &Config, wanted: &str) -> ExitCode {
     };
     if account.oauth.flow != Flow::RefreshToken {
         eprintln!(
-            "smtp-oauth-bridge: account {} uses flow {:?}, which needs no refresh token",
-            account.name, account.oauth.flow
+            "smtp-oauth-bridge: account {} uses client credentials, which need no refresh token",
+            account.name
         );
         return ExitCode::from(EX_CONFIG);
     }

@@ -70,7 +70,7 @@ fn a_bad_config_prints_one_line_naming_the_key_and_exits_64() {
         assert_eq!(out.status.code(), Some(64), "{sub}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
-        assert!(stderr.contains("accounts.0.client_secret"), "{stderr}");
+        assert!(stderr.contains("accounts[0].client_secret"), "{stderr}");
         assert!(
             !stderr.contains("12345678"),
             "the value may be a secret: {stderr}"
@@ -233,4 +233,37 @@ fn environment_overrides_keys_and_secrets_come_from_env_or_file() {
     let out = check(&[]);
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("accounts[0].client_secret"));
+}
+
+#[test]
+fn accounts_cannot_come_from_the_environment_and_say_so() {
+    let out = bridge()
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"),
+            "check-config",
+        ])
+        .env("SMTP_OAUTH_BRIDGE_ACCOUNTS__0__CLIENT_SECRET", "from-env")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("use client_secret_env"), "{stderr}");
+    assert!(!stderr.contains("from-env"));
+
+    // Arrays outside [[accounts]] take TOML syntax in the variable.
+    let out = bridge()
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"),
+            "check-config",
+        ])
+        .env("SMTP_OAUTH_BRIDGE_SERVER__LISTEN", "[\"127.0.0.1:2525\"]")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

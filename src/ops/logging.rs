@@ -47,7 +47,7 @@ pub fn init_logging(settings: &LogSettings) {
             .try_init(),
         (LogFormat::Text, false) => builder
             .with_target(false)
-            .with_ansi(std::io::stderr().is_terminal())
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
             .try_init(),
     };
     // A second init (tests) keeps the first subscriber.

@@ -32,6 +32,8 @@ pub struct Shared {
     pub config: Config,
     pub tokens: TokenManager,
     pub tls_client: Arc<rustls::ClientConfig>,
+    /// Local password checks; one for the life of the process, so reloads keep its bounds.
+    pub verifier: Arc<crate::users::Verifier>,
     pub metrics: Arc<Metrics>,
     /// Where the bridge is in its life; sessions watch it to refuse new work while draining.
     pub lifecycle: watch::Receiver<Lifecycle>,
@@ -127,7 +129,14 @@ impl Bridge {
         let extra_roots = bind_sandbox(&mut config, sandbox.as_ref());
         let metrics = Arc::new(Metrics::new());
         let (lifecycle, _) = watch::channel(Lifecycle::Serving);
-        let shared = build_shared(config, extra_roots, &metrics, lifecycle.subscribe())?;
+        let verifier = Arc::new(crate::users::Verifier::new());
+        let shared = build_shared(
+            config,
+            extra_roots,
+            &metrics,
+            &verifier,
+            lifecycle.subscribe(),
+        )?;
 
         let from_systemd = !inherited.is_empty();
         let listeners = if from_systemd {
@@ -246,10 +255,12 @@ impl Bridge {
             return Err("[sandbox] cannot be switched on by a reload; restart the bridge".into());
         }
         let extra_roots = bind_sandbox(&mut config, self.sandbox.as_ref());
+        let verifier = current(&self.current).verifier.clone();
         let shared = build_shared(
             config,
             extra_roots,
             &self.metrics,
+            &verifier,
             self.lifecycle.subscribe(),
         )
         .map_err(|e| e.to_string())?;
@@ -393,6 +404,7 @@ fn build_shared(
     config: Config,
     extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     metrics: &Arc<Metrics>,
+    verifier: &Arc<crate::users::Verifier>,
     lifecycle: watch::Receiver<Lifecycle>,
 ) -> Result<Shared, StartError> {
     for account in &config.accounts {
@@ -422,6 +434,7 @@ fn build_shared(
         config,
         tokens,
         tls_client,
+        verifier: verifier.clone(),
         metrics: metrics.clone(),
         lifecycle,
     })

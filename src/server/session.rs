@@ -62,6 +62,8 @@ pub struct Session {
     token: Option<AccessToken>,
     transaction: Option<Transaction>,
     errors: u32,
+    /// A 421 was relayed: the session ends after this command (RFC 5321 section 3.8).
+    closing: bool,
     lifecycle: tokio::sync::watch::Receiver<Lifecycle>,
 }
 
@@ -84,6 +86,7 @@ impl Session {
             token: None,
             transaction: None,
             errors: 0,
+            closing: false,
             lifecycle: shared.lifecycle.clone(),
             shared,
         }
@@ -113,13 +116,21 @@ impl Session {
     async fn serve(&mut self) -> Result<(), End> {
         loop {
             let line = match self.read_line(COMMAND_LINE_LIMIT, AUTH_LINE_LIMIT).await? {
-                Some(line) => line,
-                None => {
+                Line::Complete(line) => line,
+                Line::TooLong { auth: true } => {
+                    self.error_reply(500, "5.5.6", "Authentication exchange line is too long")?;
+                    continue;
+                }
+                Line::TooLong { auth: false } => {
                     self.error_reply(500, "5.5.2", "Line too long")?;
                     continue;
                 }
             };
             self.command(&line).await?;
+            if self.closing {
+                // The provider said 421 and closed; the client hears the same and goes.
+                return Err(End::Done);
+            }
         }
     }
 
@@ -275,13 +286,17 @@ impl Session {
             .accounts
             .iter()
             .position(|a| a.username == username.to_ascii_lowercase());
-        let hash = index.map(|i| config.accounts[i].password_hash.clone());
-        if !crate::users::verify(password, hash).await {
+        let hash = index.map(|i| config.accounts[i].password_hash.as_str());
+        let verified = self
+            .shared
+            .verifier
+            .verify(&username.to_ascii_lowercase(), password, hash)
+            .await;
+        if !verified {
             tracing::info!(username = %printable(&username), "local authentication failed");
             self.shared.metrics.auth_failed(AuthFailure::BadCredentials);
-            self.errors += 1;
-            self.reply(535, "5.7.8", "Authentication credentials invalid");
-            return Ok(());
+            // Counted like any other client error, so one connection cannot guess forever.
+            return self.error_reply(535, "5.7.8", "Authentication credentials invalid");
         }
         let Some(index) = index else {
             unreachable!("verify() never accepts an unknown user");
@@ -373,11 +388,11 @@ impl Session {
     /// Reads one line of an AUTH exchange; `None` when the client cancelled or the line was
     /// too long (the reply is already queued).
     async fn auth_line(&mut self) -> Result<Option<SecretString>, End> {
-        let Some(line) = self.read_line(AUTH_LINE_LIMIT, AUTH_LINE_LIMIT).await? else {
+        let Line::Complete(line) = self.read_line(AUTH_LINE_LIMIT, AUTH_LINE_LIMIT).await? else {
             self.error_reply(500, "5.5.6", "Authentication exchange line is too long")?;
             return Ok(None);
         };
-        let mut line = zeroize::Zeroizing::new(line);
+        let line = zeroize::Zeroizing::new(line);
         if sasl::is_cancel(&line) {
             self.reply(501, "5.7.0", "Authentication cancelled");
             return Ok(None);
@@ -386,7 +401,7 @@ impl Session {
         match std::str::from_utf8(text) {
             Ok(t) => Ok(Some(SecretString::from(t.to_owned()))),
             Err(_) => {
-                line.iter_mut().for_each(|b| *b = 0);
+                // Base64 is ASCII; anything else on the line is not a valid response.
                 self.sasl_error(SaslError::InvalidBase64);
                 Ok(None)
             }
@@ -403,9 +418,8 @@ impl Session {
                 "Authentication credentials invalid (authorization identity must match the username)",
             ),
             SaslError::EmptyUsername => self.reply(535, "5.7.8", "Authentication credentials invalid (empty username)"),
-            SaslError::InvalidBase64 | SaslError::NotUtf8 => {
-                self.reply(501, "5.5.2", "Cannot decode base64 response")
-            }
+            SaslError::InvalidBase64 => self.reply(501, "5.5.2", "Cannot decode base64 response"),
+            SaslError::NotUtf8 => self.reply(501, "5.5.2", "Credentials must be UTF-8 text"),
             SaslError::Malformed => self.reply(501, "5.5.2", "Malformed authentication response"),
             SaslError::TooLong => self.reply(500, "5.5.6", "Authentication exchange line is too long"),
         }
@@ -643,6 +657,11 @@ impl Session {
         if too_big {
             // The provider has part of the message; closing without the final dot makes it
             // discard that part.
+            tracing::info!(
+                size,
+                limit = max_size,
+                "message over the size limit refused"
+            );
             self.upstream = None;
             self.reply(
                 552,
@@ -762,9 +781,15 @@ impl Session {
         }
     }
 
-    /// Queues the provider's reply for the client exactly as received.
+    /// Queues the provider's reply for the client exactly as received. A 421 means the
+    /// provider is closing: the upstream connection is gone and the client is told the same.
     fn relay(&mut self, reply: Reply) {
         self.shared.metrics.upstream_reply(&reply);
+        if reply.code() == 421 {
+            self.upstream = None;
+            self.transaction = None;
+            self.closing = true;
+        }
         reply.write_to(&mut self.outbuf);
     }
 
@@ -891,21 +916,23 @@ impl Session {
     /// The next line (with its line end), or `None` when it was longer than allowed; an
     /// overlong line is read and thrown away in chunks, so memory stays bounded whatever its
     /// length. AUTH command lines may be longer than other commands (initial responses).
-    async fn read_line(&mut self, limit: usize, auth_limit: usize) -> Result<Option<Vec<u8>>, End> {
+    async fn read_line(&mut self, limit: usize, auth_limit: usize) -> Result<Line, End> {
         loop {
             let pending = &self.inbuf[self.pos..];
             match find_line(pending, auth_limit.max(limit)) {
                 LineStatus::Complete(n) => {
                     let line = pending[..n].to_vec();
                     self.pos += n;
-                    if n > limit && !(n <= auth_limit && starts_with_auth(&line)) {
-                        return Ok(None);
+                    let auth = starts_with_auth(&line);
+                    if n > limit && !(n <= auth_limit && auth) {
+                        return Ok(Line::TooLong { auth });
                     }
-                    return Ok(Some(line));
+                    return Ok(Line::Complete(line));
                 }
                 LineStatus::TooLong => {
+                    let auth = starts_with_auth(pending);
                     self.discard_line().await?;
-                    return Ok(None);
+                    return Ok(Line::TooLong { auth });
                 }
                 LineStatus::Incomplete => self.fill().await?,
             }
@@ -943,6 +970,15 @@ async fn wait_for_stop(
         // The bridge is gone; its drain aborts this session anyway.
         std::future::pending::<()>().await;
     }
+}
+
+/// A line read from the client.
+enum Line {
+    Complete(Vec<u8>),
+    /// Over the limit and thrown away; `auth` when it was an AUTH command or response.
+    TooLong {
+        auth: bool,
+    },
 }
 
 fn starts_with_auth(line: &[u8]) -> bool {
