@@ -15,6 +15,9 @@ use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+mod pool;
+pub use pool::PoolSettings;
+
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/smtp-oauth-bridge/proxy.toml";
 /// Prefix of environment variables that override configuration keys
@@ -59,6 +62,7 @@ fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 pub struct Config {
     pub server: ServerSettings,
     pub timeouts: Timeouts,
+    pub pool: PoolSettings,
     /// Extra CA certificates trusted for the upstream and the token endpoint.
     pub extra_ca_file: Option<PathBuf>,
     pub store: StoreSettings,
@@ -246,6 +250,8 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     timeouts: RawTimeouts,
+    #[serde(default)]
+    pool: pool::RawPool,
     #[serde(default)]
     tls: RawTls,
     #[serde(default)]
@@ -466,6 +472,7 @@ fn join_key(prefix: &str, field: &str) -> String {
 fn check(raw: RawConfig) -> Result<Config, ConfigError> {
     let server = check_server(raw.server)?;
     let timeouts = check_timeouts(&raw.timeouts)?;
+    let pool = pool::check_pool(&raw.pool)?;
     let sandbox = match raw.sandbox {
         Some(s) if s.enabled => Some(SandboxSettings {
             mail_dir: s.mail_dir.unwrap_or_else(|| PathBuf::from("sandbox-mail")),
@@ -525,6 +532,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             max_errors: server.max_errors,
         },
         timeouts,
+        pool,
         extra_ca_file: raw.tls.extra_ca_file,
         store: StoreSettings {
             directory: store_dir,

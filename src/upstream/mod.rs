@@ -1,6 +1,9 @@
 //! The SMTP client toward the provider: connect, TLS (STARTTLS or implicit), EHLO, and
-//! `AUTH XOAUTH2` in the two-step form; then one command at a time, each with its own
-//! timeout, keeping the provider's reply intact so the session can relay it.
+//! `AUTH XOAUTH2` in the two-step form; then one command at a time (or a pipelined group),
+//! each with its own timeout, keeping the provider's reply intact so the session can relay
+//! it. `pool` keeps authenticated sessions between client sessions.
+
+pub mod pool;
 
 use std::fmt;
 use std::sync::Arc;
@@ -8,7 +11,7 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use secrecy::ExposeSecret;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -257,6 +260,36 @@ impl Upstream {
         let limit = self.timeouts.upstream_command;
         self.write_all(phase, line).await?;
         self.read_reply(phase, limit).await
+    }
+
+    /// Writes several pipelined command lines at once (the provider advertised PIPELINING);
+    /// their replies are read one by one with [`Upstream::next_reply`].
+    pub async fn send_pipelined(&mut self, lines: &[u8]) -> Result<(), UpstreamError> {
+        self.write_all(Phase::Command, lines).await
+    }
+
+    /// Reads the next reply, for commands sent with [`Upstream::send_pipelined`].
+    pub async fn next_reply(&mut self) -> Result<Reply, UpstreamError> {
+        let limit = self.timeouts.upstream_command;
+        self.read_reply(Phase::Command, limit).await
+    }
+
+    /// Whether an idle connection has stayed silent: nothing unread and nothing arriving now.
+    /// A provider that timed the session out has sent a 421 or closed it; either shows up
+    /// here without a round trip.
+    pub fn is_quiet(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        let mut read_buf = tokio::io::ReadBuf::new(&mut probe);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        // Pending is the only good answer; data, EOF or an error all mean the provider is
+        // done with this session.
+        std::pin::Pin::new(&mut self.stream)
+            .poll_read(&mut cx, &mut read_buf)
+            .is_pending()
     }
 
     /// Writes message bytes during DATA.
