@@ -26,6 +26,12 @@ pub enum Phase {
     StartTls,
     TlsHandshake,
     Auth,
+    Mail,
+    Rcpt,
+    /// The DATA command itself, up to the 354.
+    DataStart,
+    Rset,
+    /// Other commands (QUIT).
     Command,
     Data,
     DataEnd,
@@ -40,6 +46,10 @@ impl fmt::Display for Phase {
             Phase::StartTls => "STARTTLS",
             Phase::TlsHandshake => "TLS handshake",
             Phase::Auth => "AUTH XOAUTH2",
+            Phase::Mail => "MAIL",
+            Phase::Rcpt => "RCPT",
+            Phase::DataStart => "DATA",
+            Phase::Rset => "RSET",
             Phase::Command => "command",
             Phase::Data => "DATA transfer",
             Phase::DataEnd => "end of DATA",
@@ -100,6 +110,7 @@ pub struct Upstream {
     buf: Vec<u8>,
     capabilities: Capabilities,
     timeouts: Timeouts,
+    opened: tokio::time::Instant,
 }
 
 impl fmt::Debug for Upstream {
@@ -136,7 +147,7 @@ impl Upstream {
             UpstreamTls::Implicit => {
                 let tls = within(
                     Phase::TlsHandshake,
-                    t.upstream_connect,
+                    t.tls_handshake,
                     connector.connect(server_name.clone(), tcp),
                 )
                 .await?;
@@ -149,8 +160,9 @@ impl Upstream {
             buf: Vec::with_capacity(READ_CHUNK),
             capabilities: Capabilities::default(),
             timeouts: t,
+            opened: tokio::time::Instant::now(),
         };
-        let greeting = up.read_reply(Phase::Greeting, t.upstream_connect).await?;
+        let greeting = up.read_reply(Phase::Greeting, t.upstream_greeting).await?;
         expect(Phase::Greeting, greeting, 220)?;
         up.ehlo(target.ehlo_name).await?;
 
@@ -170,7 +182,7 @@ impl Upstream {
             };
             let tls = within(
                 Phase::TlsHandshake,
-                t.upstream_connect,
+                t.tls_handshake,
                 connector.connect(server_name, tcp),
             )
             .await?;
@@ -191,6 +203,11 @@ impl Upstream {
 
     pub fn capabilities(&self) -> &Capabilities {
         &self.capabilities
+    }
+
+    /// How long ago the connection was opened.
+    pub fn age(&self) -> Duration {
+        self.opened.elapsed()
     }
 
     async fn ehlo(&mut self, name: &str) -> Result<(), UpstreamError> {
@@ -225,9 +242,10 @@ impl Upstream {
         Ok(())
     }
 
-    /// Sends one command line (with its CRLF) and reads the reply.
-    pub async fn command(&mut self, line: &[u8]) -> Result<Reply, UpstreamError> {
-        self.command_in(Phase::Command, line).await
+    /// Sends one command line (with its CRLF) and reads the reply; `phase` names the
+    /// command in errors.
+    pub async fn command(&mut self, phase: Phase, line: &[u8]) -> Result<Reply, UpstreamError> {
+        self.command_in(phase, line).await
     }
 
     async fn command_in(&mut self, phase: Phase, line: &[u8]) -> Result<Reply, UpstreamError> {

@@ -1,19 +1,19 @@
 //! The daemon's serving side: start-up (sandbox, token store, TLS, token manager), the
-//! listeners, the accept loop with one tracing span per connection, and shutdown.
+//! listeners and their accept loops (`listener`, one tracing span per connection), the limits
+//! every client is held to (`limits`), and shutdown. `session` is one client connection.
 
+pub mod limits;
+pub mod listener;
 pub mod session;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tracing::Instrument;
 
 use crate::config::{Config, Provider};
-use crate::io::Stream;
 use crate::oauth::TokenManager;
 use crate::sandbox::Sandbox;
 use crate::store::Store;
@@ -23,6 +23,8 @@ pub struct Shared {
     pub config: Config,
     pub tokens: TokenManager,
     pub tls_client: Arc<rustls::ClientConfig>,
+    /// Connection slots and failed-login throttling.
+    pub guard: Arc<limits::Guard>,
 }
 
 /// Why the bridge could not start.
@@ -46,7 +48,7 @@ pub enum StartError {
 /// A started bridge: listeners bound, ready to serve.
 pub struct Bridge {
     shared: Arc<Shared>,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<listener::Listener>,
     /// Kept alive for as long as the bridge runs.
     sandbox: Option<Sandbox>,
 }
@@ -111,9 +113,14 @@ impl Bridge {
         )
         .map_err(StartError::Other)?;
 
-        let listeners = bind_all(&config.server.listen).await?;
+        if let Some(local) = &config.local_tls {
+            warn_if_key_readable(&local.key_file);
+        }
+        let listeners =
+            listener::bind_all(&config.server.listen, &config.server.listen_implicit_tls).await?;
         Ok(Bridge {
             shared: Arc::new(Shared {
+                guard: limits::Guard::new(config.limits),
                 config,
                 tokens,
                 tls_client,
@@ -123,11 +130,21 @@ impl Bridge {
         })
     }
 
-    /// The addresses actually bound (useful with port 0).
+    /// The plain listeners' addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs_of(listener::ListenerKind::Plain)
+    }
+
+    /// The implicit-TLS listeners' addresses actually bound.
+    pub fn implicit_tls_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs_of(listener::ListenerKind::ImplicitTls)
+    }
+
+    fn addrs_of(&self, kind: listener::ListenerKind) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|l| l.local_addr().ok())
+            .filter(|l| l.kind == kind)
+            .filter_map(|l| l.tcp.local_addr().ok())
             .collect()
     }
 
@@ -147,29 +164,13 @@ impl Bridge {
         let next_id = Arc::new(AtomicU64::new(1));
         let mut accept_tasks = JoinSet::new();
         for listener in self.listeners {
-            let shared = self.shared.clone();
-            let sessions = sessions.clone();
-            let next_id = next_id.clone();
-            let mut stop = stop_tx.subscribe();
-            accept_tasks.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = stop.recv() => break,
-                        accepted = listener.accept() => match accepted {
-                            Ok((tcp, peer)) => {
-                                let id = next_id.fetch_add(1, Ordering::Relaxed);
-                                spawn_session(&shared, &sessions, tcp, peer, id).await;
-                            }
-                            Err(e) => {
-                                // Usually out of file descriptors: wait a little rather than
-                                // spin, and keep serving.
-                                tracing::warn!(error = %e, "accept failed");
-                                tokio::time::sleep(Duration::from_millis(100)).await;
-                            }
-                        }
-                    }
-                }
-            });
+            accept_tasks.spawn(listener::accept_loop(
+                listener,
+                self.shared.clone(),
+                sessions.clone(),
+                next_id.clone(),
+                stop_tx.subscribe(),
+            ));
         }
 
         shutdown.await;
@@ -190,44 +191,15 @@ impl Bridge {
     }
 }
 
-async fn spawn_session(
-    shared: &Arc<Shared>,
-    sessions: &Arc<tokio::sync::Mutex<JoinSet<()>>>,
-    tcp: tokio::net::TcpStream,
-    peer: SocketAddr,
-    id: u64,
-) {
-    let _ = tcp.set_nodelay(true);
-    let span = tracing::info_span!("session", id = format_args!("{id:06x}"), client = %peer, account = tracing::field::Empty);
-    let session = session::Session::new(shared.clone(), Stream::Tcp(tcp));
-    let mut set = sessions.lock().await;
-    // Reap finished sessions so the set does not grow with every connection ever made.
-    while set.try_join_next().is_some() {}
-    set.spawn(session.run().instrument(span));
-}
-
-async fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, StartError> {
-    let mut listeners = Vec::new();
-    for &addr in addrs {
-        match TcpListener::bind(addr).await {
-            Ok(listener) => {
-                let bound = listener.local_addr().unwrap_or(addr);
-                tracing::info!(address = %bound, "listening for SMTP clients");
-                listeners.push(listener);
-            }
-            // A host with IPv6 switched off cannot bind [::1]; the default configuration lists
-            // it, so carry on with IPv4 loopback instead of refusing to start.
-            Err(e)
-                if addr.is_ipv6() && addrs.iter().any(|a| a.is_ipv4()) && ipv6_unavailable(&e) =>
-            {
-                tracing::warn!(address = %addr, error = %e, "IPv6 loopback unavailable; skipping it");
-            }
-            Err(source) => return Err(StartError::Bind { addr, source }),
-        }
+/// The private key of the local listeners should be readable by the bridge alone.
+fn warn_if_key_readable(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            key_file = %path.display(),
+            "the TLS private key is readable by other users; chmod 600 it"
+        );
     }
-    Ok(listeners)
-}
-
-fn ipv6_unavailable(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(97 | 99)) // EAFNOSUPPORT, EADDRNOTAVAIL
 }
