@@ -59,7 +59,7 @@ impl fmt::Display for Phase {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("{phase} timed out after {}s", after.as_secs())]
+    #[error("{phase} timed out after {}", human(*after))]
     Timeout { phase: Phase, after: Duration },
     #[error("{phase} failed: {source}")]
     Io {
@@ -90,6 +90,15 @@ impl UpstreamError {
             UpstreamError::Rejected { reply, .. } => Some(reply),
             _ => None,
         }
+    }
+}
+
+/// A duration for messages: whole seconds, or milliseconds below one second.
+pub fn human(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs())
     }
 }
 

@@ -23,9 +23,9 @@ const READ_CHUNK: usize = 16 * 1024;
 pub enum End {
     #[error("client closed the connection")]
     Closed,
-    #[error("client idle for {}s", .0.as_secs())]
+    #[error("client idle for {}", crate::upstream::human(*.0))]
     Idle(Duration),
-    #[error("session time limit of {}s reached", .0.as_secs())]
+    #[error("session time limit of {} reached", crate::upstream::human(*.0))]
     SessionLimit(Duration),
     #[error("client connection failed: {0}")]
     Io(#[from] io::Error),

@@ -225,9 +225,9 @@ impl Session {
                 self.upstream = None;
                 let text = match e {
                     UpstreamError::Timeout { after, .. } => format!(
-                        "No confirmation from the mail provider within {}s of the end of DATA; \
+                        "No confirmation from the mail provider within {} of the end of DATA; \
                          message may not have been sent, try again",
-                        after.as_secs()
+                        crate::upstream::human(after)
                     ),
                     _ => "No confirmation from the mail provider; message may not have been sent, try again".to_string(),
                 };

@@ -225,8 +225,8 @@ impl Session {
 pub(super) fn lost_text(e: &UpstreamError) -> String {
     match e {
         UpstreamError::Timeout { phase, after } => format!(
-            "The mail provider did not answer {phase} within {}s; try again",
-            after.as_secs()
+            "The mail provider did not answer {phase} within {}; try again",
+            crate::upstream::human(*after)
         ),
         UpstreamError::Io { phase, .. }
         | UpstreamError::Closed { phase }
