@@ -221,7 +221,7 @@ fn upstream_auth_reply(e: &UpstreamError) -> Reply {
             let mut text = format!(
                 "4.7.0 Temporary authentication failure at the mail provider: {} {}",
                 r.code(),
-                strip_code(r)
+                r.text()
             );
             truncate_on_char(&mut text, 400);
             Reply::new(454, &text)

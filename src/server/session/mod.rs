@@ -47,6 +47,8 @@ pub struct Session {
     upstream: Option<Upstream>,
     transaction: Option<Transaction>,
     errors: u32,
+    /// A 421 was relayed: the client was told the channel closes, so it does.
+    closing: bool,
 }
 
 struct Transaction {
@@ -69,6 +71,7 @@ impl Session {
             upstream: None,
             transaction: None,
             errors: 0,
+            closing: false,
         }
     }
 
@@ -112,7 +115,12 @@ impl Session {
                 .read_line(COMMAND_LINE_LIMIT, AUTH_LINE_LIMIT)
                 .await?
             {
-                Input::Line(line) => self.command(&line).await?,
+                Input::Line(line) => {
+                    self.command(&line).await?;
+                    if self.closing {
+                        return Err(End::Done);
+                    }
+                }
                 Input::TooLong { auth: true } => {
                     self.error_reply(500, "5.5.6", "Authentication exchange line is too long")?
                 }
@@ -302,8 +310,15 @@ impl Session {
     }
 
     /// Queues the provider's reply for the client as received, with over-long lines wrapped
-    /// so the client gets a valid SMTP reply.
+    /// so the client gets a valid SMTP reply. The provider's 421 closes its connection, and
+    /// since a 421 tells the client the channel is closing, the client's connection closes
+    /// too; its next connection gets a fresh upstream.
     fn relay(&mut self, reply: Reply) {
+        if reply.code() == 421 {
+            self.upstream = None;
+            self.transaction = None;
+            self.closing = true;
+        }
         reply
             .wrapped(MAX_WIRE_REPLY_LINE)
             .write_to(self.client.queue());
