@@ -360,6 +360,137 @@ pub(super) fn check_limits(raw: &RawLimits) -> Result<Limits, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+
+    fn account() -> String {
+        let hash = crate::users::hash_password("pw").unwrap();
+        format!(
+            "[[accounts]]\nusername = \"a@contoso.com\"\npassword_hash = \"{hash}\"\n\
+             tenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\nclient_secret = \"s\"\n"
+        )
+    }
+
+    /// `[server]` and `[tls]` text plus an account; `CERT`/`KEY` stand for a real pair.
+    fn load(server: &str, tls: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["localhost".to_string()];
+        let generated = crate::tls::generate_self_signed(&names).unwrap();
+        let (crt, key) = crate::tls::write_certificate(dir.path(), &generated, false).unwrap();
+        let tls = tls
+            .replace("CERT", &crt.display().to_string())
+            .replace("KEY", &key.display().to_string());
+        Config::from_toml_str(&format!("[server]\n{server}\n[tls]\n{tls}\n{}", account()))
+    }
+
+    const CERT: &str = "certificate_file = \"CERT\"\nkey_file = \"KEY\"";
+
+    #[test]
+    fn listeners_beyond_loopback_need_an_explicit_setting_and_a_certificate() {
+        let cases: &[(&str, &str, Result<(), &str>)] = &[
+            ("listen = [\"127.0.0.1:1587\", \"[::1]:1587\"]", "", Ok(())),
+            ("listen = [\"127.0.0.5:25\"]", "", Ok(())),
+            ("listen = [\"0.0.0.0:587\"]", "", Err("server.listen[0]")),
+            (
+                "listen = [\"192.168.1.5:587\"]",
+                CERT,
+                Err("server.listen[0]"),
+            ),
+            (
+                "listen = [\"192.168.1.5:587\"]\nallow_non_loopback = true",
+                "",
+                Err("server.listen[0]"),
+            ),
+            (
+                "listen = [\"[::]:587\"]\nallow_non_loopback = true",
+                CERT,
+                Ok(()),
+            ),
+            (
+                "listen = [\"127.0.0.1:1587\"]\nlisten_implicit_tls = [\"0.0.0.0:465\"]\nallow_non_loopback = true",
+                CERT,
+                Ok(()),
+            ),
+            (
+                "listen = [\"127.0.0.1:1587\"]\nlisten_implicit_tls = [\"127.0.0.1:1465\"]",
+                "",
+                Err("server.listen_implicit_tls"),
+            ),
+            (
+                "plaintext_auth = \"never\"",
+                "",
+                Err("server.plaintext_auth"),
+            ),
+            ("plaintext_auth = \"never\"", CERT, Ok(())),
+            ("listen = []", "", Err("server.listen")),
+            ("", "certificate_file = \"CERT\"", Err("tls.key_file")),
+            ("", "key_file = \"KEY\"", Err("tls.certificate_file")),
+            (
+                "",
+                "certificate_file = \"/nonexistent.crt\"\nkey_file = \"KEY\"",
+                Err("tls.certificate_file"),
+            ),
+            (
+                "",
+                "certificate_file = \"CERT\"\nkey_file = \"CERT\"",
+                Err("tls.key_file"),
+            ),
+        ];
+        for (server, tls, want) in cases {
+            let got = load(server, tls).map(|_| ()).map_err(|e| e.key);
+            assert_eq!(
+                got.as_ref().copied().map_err(String::as_str),
+                *want,
+                "{server} / {tls}"
+            );
+        }
+    }
+
+    #[test]
+    fn limits_and_timeouts_are_checked() {
+        let hash_free = |extra: &str| {
+            Config::from_toml_str(&format!("{extra}\n{}", account()))
+                .map(|_| ())
+                .map_err(|e| e.key)
+        };
+        assert_eq!(
+            hash_free("[limits]\nmax_connections = 0"),
+            Err("limits.max_connections".into())
+        );
+        assert_eq!(
+            hash_free("[limits]\nmax_connections = 5\nmax_connections_per_source = 6"),
+            Err("limits.max_connections_per_source".into())
+        );
+        assert_eq!(
+            hash_free("[limits]\nauth_failure_window = 0"),
+            Err("limits.auth_failure_window".into())
+        );
+        assert_eq!(
+            hash_free("[timeouts]\nsession = 0"),
+            Err("timeouts.session".into())
+        );
+        let config = Config::from_toml_str(&format!(
+            "[timeouts]\ntls_handshake = 7\nupstream_max_age = 60\n[limits]\nauth_failures = 9\n{}",
+            account()
+        ))
+        .unwrap();
+        assert_eq!(config.timeouts.tls_handshake, Duration::from_secs(7));
+        assert_eq!(config.timeouts.upstream_max_age, Duration::from_secs(60));
+        assert_eq!(config.limits.auth_failures, 9);
+        assert_eq!(config.limits.max_connections, 100);
+    }
+
+    #[test]
+    fn dsn_is_advertised_only_when_every_provider_offers_it() {
+        let config = Config::from_toml_str(&account()).unwrap();
+        assert!(config.advertise_dsn());
+        let hash = crate::users::hash_password("pw").unwrap();
+        let gmail = format!(
+            "{}[[accounts]]\nusername = \"g@gmail.com\"\npassword_hash = \"{hash}\"\n\
+             provider = \"gmail\"\nclient_id = \"x\"\n",
+            account()
+        );
+        assert!(!Config::from_toml_str(&gmail).unwrap().advertise_dsn());
+    }
 
     #[test]
     fn loopback_table() {
