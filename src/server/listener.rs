@@ -122,8 +122,10 @@ async fn implicit_tls(shared: &Shared, tcp: TcpStream) -> Option<Stream> {
     let config = &shared.config;
     let local_tls = config.local_tls.as_ref()?;
     let limit = config.timeouts.tls_handshake;
+    // One deadline for the ClientHello to start and the handshake to finish.
+    let deadline = tokio::time::Instant::now() + limit;
     let mut first = [0u8; 1];
-    match tokio::time::timeout(limit, tcp.peek(&mut first)).await {
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
         Ok(Ok(0)) | Ok(Err(_)) => return None,
         Ok(Ok(_)) if !crate::smtp::command::looks_like_tls(&first) => {
             tracing::warn!(
@@ -145,7 +147,7 @@ async fn implicit_tls(shared: &Shared, tcp: TcpStream) -> Option<Stream> {
         }
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(local_tls.server_config.clone());
-    match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => Some(Stream::ServerTls(Box::new(tls))),
         Ok(Err(e)) => {
             tracing::info!(error = %e, "TLS handshake with the client failed");

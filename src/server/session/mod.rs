@@ -116,6 +116,8 @@ impl Session {
                 .await?
             {
                 Input::Line(line) => {
+                    // An AUTH line may carry credentials (the initial response).
+                    let line = zeroize::Zeroizing::new(line);
                     self.command(&line).await?;
                     if self.closing {
                         return Err(End::Done);

@@ -122,7 +122,11 @@ impl Session {
                 max_age_s = max_age.as_secs(),
                 "upstream connection retired by age"
             );
-            old.quit().await;
+            // The goodbye need not delay the client's next message.
+            tokio::spawn(tracing::Instrument::instrument(
+                old.quit(),
+                tracing::Span::current(),
+            ));
         }
     }
 
