@@ -73,7 +73,15 @@ pub struct Config {
     pub store: StoreSettings,
     pub sandbox: Option<SandboxSettings>,
     pub log: LogSettings,
+    /// The optional loopback HTTP listener for `/metrics` and `/healthz`.
+    pub admin: Option<AdminSettings>,
     pub accounts: Vec<Account>,
+}
+
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    /// Consecutive failed upstream sessions of one account after which `/healthz` says 503.
+    pub upstream_failures_unhealthy: u32,
 }
 
 pub struct StoreSettings {
@@ -216,8 +224,16 @@ struct RawConfig {
     sandbox: Option<RawSandbox>,
     #[serde(default)]
     log: RawLog,
+    admin: Option<RawAdmin>,
     #[serde(default)]
     accounts: Vec<RawAccount>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    upstream_failures_unhealthy: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -272,10 +288,25 @@ impl Config {
     /// Reads `path` (which must exist; parent directories are never searched) and the
     /// environment, and checks the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        if !path.is_file() {
+        if !path.exists() {
             return Err(err(
                 "",
                 format!("config file {} does not exist", path.display()),
+            ));
+        }
+        if !path.is_file() {
+            return Err(err("", format!("{} is not a file", path.display())));
+        }
+        // Arrays of tables cannot be addressed from the environment (figment would replace
+        // the whole list); say so instead of failing with a type error.
+        if let Some((name, _)) = std::env::vars_os().find(|(k, _)| {
+            k.to_str()
+                .is_some_and(|k| k.starts_with(&format!("{ENV_PREFIX}ACCOUNTS")))
+        }) {
+            return Err(err(
+                name.to_string_lossy(),
+                "accounts cannot be set from the environment; use client_secret_env or \
+                 client_secret_file in the account instead",
             ));
         }
         let figment = Figment::new()
@@ -330,9 +361,9 @@ impl Config {
 /// values ("found string \"hunter2\""), and a mistyped secret must not reach a log.
 fn describe_figment_error(error: figment::Error) -> ConfigError {
     use figment::error::Kind;
-    let key = error.path.join(".");
+    let key = key_path(&error.path);
     let problem = match &error.kind {
-        Kind::Message(m) => m.clone(),
+        Kind::Message(m) => without_source_excerpt(m),
         Kind::InvalidType(_, expected) => format!("wrong type, expected {expected}"),
         Kind::InvalidValue(_, expected) => format!("invalid value, expected {expected}"),
         Kind::InvalidLength(_, expected) => format!("wrong length, expected {expected}"),
@@ -355,6 +386,33 @@ fn describe_figment_error(error: figment::Error) -> ConfigError {
         .map(|s| format!(" (from {s})"))
         .unwrap_or_default();
     err(key, format!("{problem}{source}"))
+}
+
+/// `accounts.0.client_secret` → `accounts[0].client_secret`, the form our own checks use.
+fn key_path(path: &[String]) -> String {
+    let mut out = String::new();
+    for part in path {
+        if part.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// The TOML parser's messages quote the offending source line, which may be the very secret
+/// that is mistyped; keep the position and the description, drop the quoted excerpt.
+fn without_source_excerpt(message: &str) -> String {
+    let lines: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.contains('|'))
+        .collect();
+    lines.join(": ")
 }
 
 fn join_key(prefix: &str, field: &str) -> String {
@@ -382,6 +440,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         .directory
         .or_else(|| std::env::var_os("STATE_DIRECTORY").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("/var/lib/smtp-oauth-bridge"));
+    let admin = raw.admin.map(check_admin).transpose()?;
     let log = LogSettings {
         level: raw.log.level.unwrap_or_else(|| "info".into()),
         format: raw.log.format.unwrap_or(LogFormat::Text),
@@ -434,7 +493,41 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         },
         sandbox,
         log,
+        admin,
         accounts,
+    })
+}
+
+fn check_admin(raw: RawAdmin) -> Result<AdminSettings, ConfigError> {
+    let text = raw.listen.ok_or_else(|| {
+        err(
+            "admin.listen",
+            "missing (e.g. \"127.0.0.1:9725\"; remove [admin] to switch the listener off)",
+        )
+    })?;
+    let listen: SocketAddr = text.parse().map_err(|_| {
+        err(
+            "admin.listen",
+            "expected an IP address and port such as \"127.0.0.1:9725\"",
+        )
+    })?;
+    // Metrics name the accounts and health says which one is broken: keep them local.
+    if !listen.ip().is_loopback() {
+        return Err(err(
+            "admin.listen",
+            "only loopback addresses (127.0.0.0/8, ::1) are allowed",
+        ));
+    }
+    let threshold = raw.upstream_failures_unhealthy.unwrap_or(3);
+    if threshold == 0 {
+        return Err(err(
+            "admin.upstream_failures_unhealthy",
+            "must be at least 1",
+        ));
+    }
+    Ok(AdminSettings {
+        listen,
+        upstream_failures_unhealthy: threshold,
     })
 }
 
@@ -633,14 +726,14 @@ fn client_secret(
         ));
     }
     if let Some(secret) = inline {
+        if secret.expose_secret().trim().is_empty() {
+            return Err(err(key("client_secret"), "is empty"));
+        }
         return Ok(Some(secret));
     }
     if let Some(path) = file {
         // A relative name is looked up among systemd credentials first (LoadCredential=).
-        let resolved = match std::env::var_os("CREDENTIALS_DIRECTORY") {
-            Some(dir) if path.is_relative() => PathBuf::from(dir).join(&path),
-            _ => path.clone(),
-        };
+        let resolved = crate::credentials::resolve(&path);
         let text = std::fs::read_to_string(&resolved).map_err(|e| {
             err(
                 key("client_secret_file"),
@@ -660,6 +753,12 @@ fn client_secret(
                 format!("environment variable {var} is not set"),
             )
         })?;
+        if value.trim().is_empty() {
+            return Err(err(
+                key("client_secret_env"),
+                format!("environment variable {var} is empty"),
+            ));
+        }
         return Ok(Some(SecretString::from(value)));
     }
     Ok(None)
@@ -740,12 +839,12 @@ mod tests {
             "client_secret = [\"hunter2-secret\"]",
         );
         let e = Config::from_toml_str(&text).err().unwrap();
-        assert_eq!(e.key, "accounts.0.client_secret");
+        assert_eq!(e.key, "accounts[0].client_secret");
         assert!(!e.to_string().contains("hunter2"), "{e}");
 
         let text = office365("").replace("tenant", "tennant");
         let e = Config::from_toml_str(&text).err().unwrap();
-        assert_eq!(e.key, "accounts.0.tennant");
+        assert_eq!(e.key, "accounts[0].tennant");
         assert!(e.problem.contains("unknown key"));
 
         let e = Config::from_toml_str(&office365("").replace("client_id = \"app\"\n", ""))
@@ -760,6 +859,31 @@ mod tests {
         .err()
         .unwrap();
         assert_eq!(e.key, "server.listen[0]");
+    }
+
+    #[test]
+    fn broken_toml_never_echoes_the_line_it_broke_on() {
+        let secret = "SuperSecretValue123";
+        for broken in [
+            format!("client_secret = \"{secret}~abc"),
+            format!("client_secret = {secret}"),
+            "client_secret = 12345678901234567890123".to_string(),
+            format!("client_secret = \"{secret}\"\nclient_secret = \"{secret}\""),
+        ] {
+            let text = office365("").replace("client_secret = \"hunter2-secret\"", &broken);
+            let e = Config::from_toml_str(&text).expect_err(&broken);
+            let shown = e.to_string();
+            assert!(
+                !shown.contains(secret) && !shown.contains("1234567890"),
+                "{shown}"
+            );
+            assert!(!shown.contains('\n'), "one line: {shown}");
+            assert!(shown.contains("line"), "says where: {shown}");
+        }
+        let e = Config::from_toml_str(&office365("").replace("hunter2-secret", " "))
+            .err()
+            .unwrap();
+        assert_eq!(e.key, "accounts[0].client_secret");
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! The module list is the map (see ARCHITECTURE.md for the path of a message):
 
 pub mod config;
+pub mod credentials;
+pub mod hints;
 pub mod io;
 pub mod oauth;
 pub mod ops;

@@ -84,6 +84,7 @@ pub struct TokenManager {
     http: HttpClient,
     store: Option<Arc<Store>>,
     accounts: HashMap<String, Arc<AccountTokens>>,
+    metrics: Option<Arc<crate::ops::Metrics>>,
 }
 
 struct AccountTokens {
@@ -135,7 +136,15 @@ impl TokenManager {
             http: HttpClient(http),
             store,
             accounts,
+            metrics: None,
         })
+    }
+
+    /// Reports every token request and its outcome to `metrics` (refresh counts, expiry,
+    /// accounts needing login).
+    pub fn with_metrics(mut self, metrics: Arc<crate::ops::Metrics>) -> TokenManager {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// A valid access token for `account`, from the cache when one has enough life left.
@@ -190,10 +199,16 @@ impl TokenManager {
         tokens
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .iter()
+            .for_each(|m| m.token_refreshing(&tokens.name));
         let result = match tokens.settings.flow {
             Flow::ClientCredentials => self.client_credentials(&tokens.settings).await,
             Flow::RefreshToken => self.refresh(&tokens.name, &tokens.settings).await,
         };
+        self.metrics
+            .iter()
+            .for_each(|m| m.token_result(&tokens.name, &result));
         match &result {
             Ok(token) => {
                 let left = token.expires_at.saturating_duration_since(Instant::now());
@@ -205,10 +220,10 @@ impl TokenManager {
                 *tokens.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
             }
             Err(e) if e.is_permanent() => {
-                tracing::error!(account = %tokens.name, error = %e, "cannot obtain an access token");
+                tracing::error!(account = %tokens.name, error = %e, fix = crate::hints::fix_for_text(&e.to_string()), "cannot obtain an access token");
             }
             Err(e) => {
-                tracing::warn!(account = %tokens.name, error = %e, "cannot obtain an access token");
+                tracing::warn!(account = %tokens.name, error = %e, fix = crate::hints::fix_for_text(&e.to_string()), "cannot obtain an access token");
             }
         }
         result

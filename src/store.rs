@@ -9,7 +9,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
@@ -31,6 +31,10 @@ pub enum StoreError {
     Undecryptable { path: String },
     #[error("system random number generator failed")]
     Random,
+    #[error(
+        "no store key: neither the credential store-key nor {path} exists (the bridge creates {path} at its first start)"
+    )]
+    NoKey { path: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -71,6 +75,32 @@ impl Store {
             key: LessSafeKey::new(unbound),
             rng,
         })
+    }
+
+    /// Opens an existing store without creating anything, and says where its key came from.
+    /// For `doctor`, which may run as root beside a service that owns the directory.
+    pub fn open_existing(dir: &Path) -> Result<(Store, PathBuf), StoreError> {
+        let path = match crate::credentials::find(CREDENTIAL_NAME) {
+            Some(path) => path,
+            None if dir.join(KEY_FILE).exists() => dir.join(KEY_FILE),
+            None => {
+                return Err(StoreError::NoKey {
+                    path: dir.join(KEY_FILE).display().to_string(),
+                });
+            }
+        };
+        let key_bytes = read_key(&path)?;
+        let unbound = UnboundKey::new(&CHACHA20_POLY1305, &key_bytes[..]).map_err(|_| {
+            StoreError::BadKey {
+                path: path.display().to_string(),
+            }
+        })?;
+        let store = Store {
+            dir: dir.to_path_buf(),
+            key: LessSafeKey::new(unbound),
+            rng: SystemRandom::new(),
+        };
+        Ok((store, path))
     }
 
     pub fn dir(&self) -> &Path {
@@ -149,6 +179,12 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
+        // Written by root (`import-token`, `doctor`) into a directory the service owns, the
+        // file must still be readable by the service: give it the directory's owner. Without
+        // privilege this fails harmlessly, and the file is ours anyway.
+        if let Ok(meta) = fs::metadata(dir) {
+            let _ = std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()));
+        }
         file.write_all(bytes)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -161,11 +197,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 }
 
 fn load_or_create_key(dir: &Path, rng: &SystemRandom) -> Result<Zeroizing<Vec<u8>>, StoreError> {
-    if let Some(creds) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-        let path = Path::new(&creds).join(CREDENTIAL_NAME);
-        if path.exists() {
-            return read_key(&path);
-        }
+    if let Some(path) = crate::credentials::find(CREDENTIAL_NAME) {
+        return read_key(&path);
     }
     let path = dir.join(KEY_FILE);
     if path.exists() {

@@ -29,6 +29,8 @@ pub struct ServerSettings {
     pub max_errors: u32,
     /// Who may authenticate without TLS.
     pub plaintext_auth: PlaintextAuth,
+    /// Listeners beyond loopback were explicitly allowed (they also need a certificate).
+    pub allow_non_loopback: bool,
 }
 
 /// Where AUTH is accepted before TLS.
@@ -112,6 +114,9 @@ pub struct Timeouts {
     pub upstream_max_age: Duration,
     /// Each request to the token endpoint.
     pub token_request: Duration,
+    /// After SIGTERM, how long sessions in flight may take to finish before they are told
+    /// 421 and closed.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Timeouts {
@@ -126,6 +131,7 @@ impl Default for Timeouts {
             upstream_data_end: Duration::from_secs(600),
             upstream_max_age: Duration::from_secs(600),
             token_request: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -154,6 +160,7 @@ pub(super) struct RawTimeouts {
     upstream_data_end: Option<u64>,
     upstream_max_age: Option<u64>,
     token_request: Option<u64>,
+    shutdown_grace: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -228,6 +235,7 @@ pub(super) fn check_server_side(raw: RawServer, tls: &RawTls) -> Result<ServerSi
             max_message_size: raw.max_message_size.unwrap_or(0),
             max_errors: raw.max_errors.unwrap_or(10),
             plaintext_auth,
+            allow_non_loopback,
         },
         explicit_max_size: raw.max_message_size,
         local_tls,
@@ -315,6 +323,7 @@ pub(super) fn check_timeouts(raw: &RawTimeouts) -> Result<Timeouts, ConfigError>
         )?,
         upstream_max_age: pick("upstream_max_age", raw.upstream_max_age, d.upstream_max_age)?,
         token_request: pick("token_request", raw.token_request, d.token_request)?,
+        shutdown_grace: pick("shutdown_grace", raw.shutdown_grace, d.shutdown_grace)?,
     })
 }
 

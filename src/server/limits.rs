@@ -39,9 +39,10 @@ impl Refused {
     }
 }
 
-/// Connection slots and login failures, shared by every listener.
+/// Connection slots and login failures, shared by every listener and kept across reloads
+/// (a reload changes the limits, not the counts).
 pub struct Guard {
-    limits: Limits,
+    limits: std::sync::RwLock<Limits>,
     slots: Mutex<Slots>,
     failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
 }
@@ -74,7 +75,7 @@ impl Drop for Permit {
 impl Guard {
     pub fn new(limits: Limits) -> Arc<Guard> {
         Arc::new(Guard {
-            limits,
+            limits: std::sync::RwLock::new(limits),
             slots: Mutex::new(Slots::default()),
             failures: Mutex::new(HashMap::new()),
         })
@@ -83,12 +84,13 @@ impl Guard {
     /// Takes a slot for a connection from `source`, or says why not.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Permit, Refused> {
         let source = crate::config::canonical_ip(source);
+        let limits = self.limits();
         let mut slots = lock(&self.slots);
-        if slots.total >= self.limits.max_connections {
+        if slots.total >= limits.max_connections {
             return Err(Refused::Global);
         }
         let mine = slots.per_source.entry(source).or_insert(0);
-        if *mine >= self.limits.max_connections_per_source {
+        if *mine >= limits.max_connections_per_source {
             return Err(Refused::PerSource);
         }
         *mine += 1;
@@ -112,7 +114,7 @@ impl Guard {
             return true;
         };
         self.forget_old(times);
-        let allowed = times.len() < self.limits.auth_failures as usize;
+        let allowed = times.len() < self.limits().auth_failures as usize;
         if times.is_empty() {
             failures.remove(&source);
         }
@@ -130,7 +132,7 @@ impl Guard {
         let times = failures.entry(source).or_default();
         self.forget_old(times);
         times.push_back(Instant::now());
-        times.len() == self.limits.auth_failures as usize
+        times.len() == self.limits().auth_failures as usize
     }
 
     /// A successful login forgets the source's failures.
@@ -139,12 +141,17 @@ impl Guard {
         lock(&self.failures).remove(&source);
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    pub fn limits(&self) -> Limits {
+        *self.limits.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// New limits (a reload); connections beyond a lowered limit are not cut, new ones wait.
+    pub fn set_limits(&self, limits: Limits) {
+        *self.limits.write().unwrap_or_else(PoisonError::into_inner) = limits;
     }
 
     fn forget_old(&self, times: &mut VecDeque<Instant>) {
-        let window = self.limits.auth_failure_window;
+        let window = self.limits().auth_failure_window;
         while times.front().is_some_and(|t| t.elapsed() >= window) {
             times.pop_front();
         }

@@ -1,30 +1,65 @@
 //! The daemon's serving side: start-up (sandbox, token store, TLS, token manager), the
-//! listeners and their accept loops (`listener`, one tracing span per connection), the limits
-//! every client is held to (`limits`), and shutdown. `session` is one client connection.
+//! listeners and their accept loops with one tracing span per connection (`listeners`), the
+//! limits every client is held to (`limits`), configuration reloads, and the drain at
+//! shutdown. `session` is one client connection.
+//!
+//! Every session holds the [`Shared`] state that was current when it was accepted. A reload
+//! builds a new `Shared` and swaps it in for sessions accepted afterwards; sessions in flight
+//! keep theirs and finish undisturbed. A drain stops the listeners, lets sessions finish within
+//! the grace period (they refuse new work with 421 4.3.2), then tells the rest 421 and closes.
 
 pub mod limits;
-pub mod listener;
+mod listeners;
 pub mod session;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, Provider};
 use crate::oauth::TokenManager;
+use crate::ops::Metrics;
 use crate::sandbox::Sandbox;
 use crate::store::Store;
+use listeners::{Acceptor, ListenerKind};
 
-/// What every session shares: read-only after start-up.
+/// After the grace period, how long sessions get to say 421 and close before they are cut.
+const HARD_STOP: Duration = Duration::from_secs(2);
+
+/// What every session shares: read-only once built. A reload builds a new one.
 pub struct Shared {
     pub config: Config,
     pub tokens: TokenManager,
     pub tls_client: Arc<rustls::ClientConfig>,
-    /// Connection slots and failed-login throttling.
+    /// Local password checks; one for the life of the process, so reloads keep its bounds.
+    pub verifier: Arc<crate::users::Verifier>,
+    /// Connection slots and failed-login throttling; one for the life of the process, so a
+    /// reload keeps the counts (and applies the new limits).
     pub guard: Arc<limits::Guard>,
+    pub metrics: Arc<Metrics>,
+    /// Where the bridge is in its life; sessions watch it to refuse new work while draining.
+    pub lifecycle: watch::Receiver<Lifecycle>,
+}
+
+/// Serving, draining after SIGTERM (finish what is in flight, refuse new work), or stopping
+/// (the grace period is over: say 421 and close now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    Serving,
+    Draining,
+    Stopping,
+}
+
+/// Requests to a running bridge.
+pub enum Control {
+    /// Apply a new, already checked configuration; the answer says what changed or why it was
+    /// refused (the running configuration stays then).
+    Reload(Box<Config>, oneshot::Sender<Result<String, String>>),
+    /// Stop accepting, drain, and return.
+    Shutdown,
 }
 
 /// Why the bridge could not start.
@@ -41,14 +76,29 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// A socket handed over by systemd is not acceptable (a configuration mistake).
+    #[error("{0}")]
+    Inherited(String),
     #[error("{0}")]
     Other(String),
 }
 
+impl StartError {
+    /// Whether fixing configuration (the unit's or proxy.toml) is what it takes.
+    pub fn is_config(&self) -> bool {
+        matches!(self, StartError::Inherited(_))
+    }
+}
+
 /// A started bridge: listeners bound, ready to serve.
 pub struct Bridge {
-    shared: Arc<Shared>,
-    listeners: Vec<listener::Listener>,
+    current: Arc<RwLock<Arc<Shared>>>,
+    listeners: Vec<listeners::Bound>,
+    /// The listeners came from systemd; `server.listen` is ignored and reloads keep them.
+    from_systemd: bool,
+    admin: Option<tokio::net::TcpListener>,
+    metrics: Arc<Metrics>,
+    lifecycle: watch::Sender<Lifecycle>,
     /// Kept alive for as long as the bridge runs.
     sandbox: Option<Sandbox>,
 }
@@ -56,29 +106,21 @@ pub struct Bridge {
 impl Bridge {
     /// Prepares everything that can fail before the first client connects: the sandbox
     /// stand-ins, the token store, TLS, and the listeners.
-    pub async fn start(mut config: Config) -> Result<Bridge, StartError> {
-        let mut extra_roots = Vec::new();
+    pub async fn start(config: Config) -> Result<Bridge, StartError> {
+        Self::start_with(config, Vec::new()).await
+    }
+
+    /// Like [`Bridge::start`], serving on `inherited` listeners (socket activation) instead
+    /// of binding `server.listen` when any are given.
+    pub async fn start_with(
+        mut config: Config,
+        inherited: Vec<std::net::TcpListener>,
+    ) -> Result<Bridge, StartError> {
         let sandbox = match &config.sandbox {
             Some(settings) => {
                 let sandbox = Sandbox::start(Some(settings.mail_dir.clone()))
                     .await
                     .map_err(|e| StartError::Sandbox(e.to_string()))?;
-                let token_url = sandbox.token_endpoint.token_url(&sandbox.tenant);
-                let secret = secrecy::SecretString::from(sandbox.client_secret.clone());
-                for account in config
-                    .accounts
-                    .iter_mut()
-                    .filter(|a| a.provider == Provider::Sandbox)
-                {
-                    crate::config::bind_sandbox_account(
-                        account,
-                        token_url.clone(),
-                        sandbox.client_id.clone(),
-                        &secret,
-                        sandbox.office365.addr(),
-                    );
-                }
-                extra_roots.push(sandbox.ca.ca_der());
                 tracing::info!(
                     token_endpoint = %sandbox.token_endpoint.authority_url(),
                     office365 = %sandbox.office365.addr(),
@@ -89,106 +131,354 @@ impl Bridge {
             }
             None => None,
         };
-
-        for account in &config.accounts {
-            tracing::info!(
-                account = %account.name,
-                provider = ?account.provider,
-                flow = ?account.oauth.flow,
-                upstream = %format!("{}:{}", account.upstream.host, account.upstream.port),
-                "account configured"
-            );
-        }
-        let tls_client = crate::tls::client_config(config.extra_ca_file.as_deref(), extra_roots)?;
-        let store = if config.needs_store() {
-            Some(Arc::new(Store::open(&config.store.directory)?))
-        } else {
-            None
-        };
-        let tokens = TokenManager::new(
-            &config.accounts,
-            &tls_client,
-            config.timeouts.token_request,
-            store,
-        )
-        .map_err(StartError::Other)?;
-
-        if let Some(local) = &config.local_tls {
+        let extra_roots = bind_sandbox(&mut config, sandbox.as_ref());
+        let metrics = Arc::new(Metrics::new());
+        let (lifecycle, _) = watch::channel(Lifecycle::Serving);
+        let verifier = Arc::new(crate::users::Verifier::new());
+        let guard = limits::Guard::new(config.limits);
+        let shared = build_shared(
+            config,
+            extra_roots,
+            &metrics,
+            &verifier,
+            &guard,
+            lifecycle.subscribe(),
+        )?;
+        if let Some(local) = &shared.config.local_tls {
             warn_if_key_readable(&local.key_file);
         }
-        let listeners =
-            listener::bind_all(&config.server.listen, &config.server.listen_implicit_tls).await?;
+
+        let from_systemd = !inherited.is_empty();
+        let listeners = if from_systemd {
+            let server = &shared.config.server;
+            let beyond_loopback = server.allow_non_loopback && shared.config.local_tls.is_some();
+            let mut adopted = listeners::adopt(inherited, beyond_loopback)?;
+            // systemd hands over plain sockets; implicit-TLS listeners are still the bridge's.
+            let implicit: Vec<_> = listeners::configured(&shared.config)
+                .into_iter()
+                .filter(|(_, kind)| *kind == ListenerKind::ImplicitTls)
+                .collect();
+            adopted.extend(listeners::bind_all(&implicit).await?);
+            adopted
+        } else {
+            listeners::bind_all(&listeners::configured(&shared.config)).await?
+        };
+        let admin = match &shared.config.admin {
+            Some(settings) => Some(crate::ops::admin::bind(settings.listen).await.map_err(
+                |source| StartError::Bind {
+                    addr: settings.listen,
+                    source,
+                },
+            )?),
+            None => None,
+        };
         Ok(Bridge {
-            shared: Arc::new(Shared {
-                guard: limits::Guard::new(config.limits),
-                config,
-                tokens,
-                tls_client,
-            }),
+            current: Arc::new(RwLock::new(Arc::new(shared))),
             listeners,
+            from_systemd,
+            admin,
+            metrics,
+            lifecycle,
             sandbox,
         })
     }
 
-    /// The plain listeners' addresses actually bound (useful with port 0).
+    /// The plain SMTP addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.addrs_of(listener::ListenerKind::Plain)
+        self.addrs_of(ListenerKind::Plain)
     }
 
-    /// The implicit-TLS listeners' addresses actually bound.
+    /// The implicit-TLS addresses actually bound.
     pub fn implicit_tls_addrs(&self) -> Vec<SocketAddr> {
-        self.addrs_of(listener::ListenerKind::ImplicitTls)
+        self.addrs_of(ListenerKind::ImplicitTls)
     }
 
-    fn addrs_of(&self, kind: listener::ListenerKind) -> Vec<SocketAddr> {
+    fn addrs_of(&self, kind: ListenerKind) -> Vec<SocketAddr> {
         self.listeners
             .iter()
             .filter(|l| l.kind == kind)
-            .filter_map(|l| l.tcp.local_addr().ok())
+            .map(|l| l.local)
             .collect()
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    /// The admin listener's address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The state new sessions get now.
+    pub fn shared(&self) -> Arc<Shared> {
+        current(&self.current)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn sandbox(&self) -> Option<&Sandbox> {
         self.sandbox.as_ref()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting and gives sessions in flight
-    /// `grace` to finish before they are cut off.
+    /// Serves until `shutdown` completes, then drains with `grace` (instead of the configured
+    /// `timeouts.shutdown_grace`).
     pub async fn serve(self, shutdown: impl Future<Output = ()>, grace: Duration) {
-        let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
-        let sessions = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
-        let next_id = Arc::new(AtomicU64::new(1));
-        let mut accept_tasks = JoinSet::new();
-        for listener in self.listeners {
-            accept_tasks.spawn(listener::accept_loop(
-                listener,
-                self.shared.clone(),
-                sessions.clone(),
-                next_id.clone(),
-                stop_tx.subscribe(),
-            ));
+        let (tx, rx) = mpsc::channel(1);
+        let run = self.run_inner(rx, Some(grace));
+        let stop = async move {
+            shutdown.await;
+            let _ = tx.send(Control::Shutdown).await;
+            // Keep the sender alive until the bridge has returned.
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            _ = run => {}
+            _ = stop => {}
+        }
+    }
+
+    /// Serves, applying reloads, until [`Control::Shutdown`] (or the sender is dropped), then
+    /// drains for `timeouts.shutdown_grace`.
+    pub async fn run(self, control: mpsc::Receiver<Control>) {
+        self.run_inner(control, None).await
+    }
+
+    async fn run_inner(mut self, mut control: mpsc::Receiver<Control>, grace: Option<Duration>) {
+        let sessions: listeners::Sessions = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
+        let mut acceptors: Vec<Acceptor> = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .map(|bound| listeners::spawn(bound, &self.current, &sessions))
+            .collect();
+        let admin = self
+            .admin
+            .take()
+            .map(|l| crate::ops::admin::spawn(l, self.metrics.clone()));
+        self.metrics
+            .set_accounts(names(&current(&self.current).config));
+        self.metrics
+            .set_unhealthy_after(unhealthy_after(&current(&self.current).config));
+
+        while let Some(Control::Reload(config, answer)) = control.recv().await {
+            let result = self.reload(*config, &mut acceptors, &sessions).await;
+            match &result {
+                Ok(summary) => tracing::info!(changes = %summary, "configuration reloaded"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "configuration reload refused; the running configuration stays"
+                ),
+            }
+            let _ = answer.send(result);
         }
 
-        shutdown.await;
-        tracing::info!("shutting down: no new connections");
-        let _ = stop_tx.send(());
-        while accept_tasks.join_next().await.is_some() {}
-
-        let mut sessions = sessions.lock().await;
-        let drain = async { while sessions.join_next().await.is_some() {} };
-        if tokio::time::timeout(grace, drain).await.is_err() {
-            tracing::warn!(
-                grace_s = grace.as_secs(),
-                "sessions still open after the grace period; closing them"
-            );
-            sessions.abort_all();
+        let grace = grace.unwrap_or(current(&self.current).config.timeouts.shutdown_grace);
+        self.drain(acceptors, &sessions, grace).await;
+        if let Some(admin) = admin {
+            admin.abort();
         }
         drop(self.sandbox);
     }
+
+    async fn reload(
+        &mut self,
+        mut config: Config,
+        acceptors: &mut Vec<Acceptor>,
+        sessions: &listeners::Sessions,
+    ) -> Result<String, String> {
+        if config.sandbox.is_some() && self.sandbox.is_none() {
+            return Err("[sandbox] cannot be switched on by a reload; restart the bridge".into());
+        }
+        let extra_roots = bind_sandbox(&mut config, self.sandbox.as_ref());
+        let verifier = current(&self.current).verifier.clone();
+        let guard = current(&self.current).guard.clone();
+        let shared = build_shared(
+            config,
+            extra_roots,
+            &self.metrics,
+            &verifier,
+            &guard,
+            self.lifecycle.subscribe(),
+        )
+        .map_err(|e| e.to_string())?;
+        let old = current(&self.current);
+        let mut changes = Vec::new();
+        if self.from_systemd {
+            if shared.config.server.listen != old.config.server.listen {
+                changes.push("server.listen ignored: the sockets come from systemd".to_string());
+            }
+        } else {
+            let wanted = listeners::configured(&shared.config);
+            let added: Vec<(SocketAddr, ListenerKind)> = wanted
+                .iter()
+                .filter(|(a, k)| {
+                    !acceptors
+                        .iter()
+                        .any(|x| x.configured == Some(*a) && x.kind == *k)
+                })
+                .copied()
+                .collect();
+            // Bind first: a listener that cannot be bound refuses the whole reload.
+            let bound = listeners::bind_all(&added)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (keep, remove): (Vec<Acceptor>, Vec<Acceptor>) = std::mem::take(acceptors)
+                .into_iter()
+                .partition(|a| a.configured.is_none_or(|c| wanted.contains(&(c, a.kind))));
+            *acceptors = keep;
+            for gone in remove {
+                changes.push(format!("stopped listening on {}", gone.local));
+                gone.stop().await;
+            }
+            for b in bound {
+                changes.push(format!("listening on {}", b.local));
+                acceptors.push(listeners::spawn(b, &self.current, sessions));
+            }
+        }
+        if shared.config.admin.as_ref().map(|a| a.listen)
+            != old.config.admin.as_ref().map(|a| a.listen)
+        {
+            changes.push("[admin] listen changes take effect at the next restart".into());
+        }
+        let before: Vec<&str> = names(&old.config).collect();
+        let after: Vec<&str> = names(&shared.config).collect();
+        changes.push(format!(
+            "{} account(s) (added: {}; removed: {})",
+            after.len(),
+            list(after.iter().filter(|a| !before.contains(a))),
+            list(before.iter().filter(|a| !after.contains(a))),
+        ));
+        self.metrics.set_accounts(after.iter().copied());
+        shared.guard.set_limits(shared.config.limits);
+        self.metrics
+            .set_unhealthy_after(unhealthy_after(&shared.config));
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(shared);
+        Ok(changes.join("; "))
+    }
+
+    async fn drain(
+        &self,
+        acceptors: Vec<Acceptor>,
+        sessions: &listeners::Sessions,
+        grace: Duration,
+    ) {
+        tracing::info!(
+            grace_s = grace.as_secs(),
+            "shutting down: no new connections"
+        );
+        self.metrics.set_draining();
+        // Listeners close first, so nothing new arrives once sessions hear of the drain.
+        for acceptor in acceptors {
+            acceptor.stop().await;
+        }
+        let _ = self.lifecycle.send(Lifecycle::Draining);
+        let mut sessions = sessions.lock().await;
+        let drained = async { while sessions.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, drained).await.is_ok() {
+            return;
+        }
+        tracing::warn!(
+            grace_s = grace.as_secs(),
+            open = sessions.len(),
+            "sessions still open after the grace period; telling them 421 and closing"
+        );
+        let _ = self.lifecycle.send(Lifecycle::Stopping);
+        let stopped = async { while sessions.join_next().await.is_some() {} };
+        if tokio::time::timeout(HARD_STOP, stopped).await.is_err() {
+            sessions.abort_all();
+        }
+    }
+}
+
+fn current(lock: &RwLock<Arc<Shared>>) -> Arc<Shared> {
+    lock.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+fn names(config: &Config) -> impl Iterator<Item = &str> {
+    config.accounts.iter().map(|a| a.name.as_str())
+}
+
+fn list<'a>(items: impl Iterator<Item = &'a &'a str>) -> String {
+    let items: Vec<&str> = items.copied().collect();
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+fn unhealthy_after(config: &Config) -> u32 {
+    config
+        .admin
+        .as_ref()
+        .map(|a| a.upstream_failures_unhealthy)
+        .unwrap_or(3)
+}
+
+/// Points sandbox accounts at the running stand-ins; returns the CA to trust for them.
+pub(crate) fn bind_sandbox(
+    config: &mut Config,
+    sandbox: Option<&Sandbox>,
+) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    let Some(sandbox) = sandbox else {
+        return Vec::new();
+    };
+    let token_url = sandbox.token_endpoint.token_url(&sandbox.tenant);
+    let secret = secrecy::SecretString::from(sandbox.client_secret.clone());
+    for account in config
+        .accounts
+        .iter_mut()
+        .filter(|a| a.provider == Provider::Sandbox)
+    {
+        crate::config::bind_sandbox_account(
+            account,
+            token_url.clone(),
+            sandbox.client_id.clone(),
+            &secret,
+            sandbox.office365.addr(),
+        );
+    }
+    vec![sandbox.ca.ca_der()]
+}
+
+/// Everything a session needs from a checked configuration: TLS, the store, tokens.
+fn build_shared(
+    config: Config,
+    extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    metrics: &Arc<Metrics>,
+    verifier: &Arc<crate::users::Verifier>,
+    guard: &Arc<limits::Guard>,
+    lifecycle: watch::Receiver<Lifecycle>,
+) -> Result<Shared, StartError> {
+    for account in &config.accounts {
+        tracing::info!(
+            account = %account.name,
+            provider = ?account.provider,
+            flow = ?account.oauth.flow,
+            upstream = %format!("{}:{}", account.upstream.host, account.upstream.port),
+            "account configured"
+        );
+    }
+    let tls_client = crate::tls::client_config(config.extra_ca_file.as_deref(), extra_roots)?;
+    let store = if config.needs_store() {
+        Some(Arc::new(Store::open(&config.store.directory)?))
+    } else {
+        None
+    };
+    let tokens = TokenManager::new(
+        &config.accounts,
+        &tls_client,
+        config.timeouts.token_request,
+        store,
+    )
+    .map_err(StartError::Other)?
+    .with_metrics(metrics.clone());
+    Ok(Shared {
+        config,
+        tokens,
+        tls_client,
+        verifier: verifier.clone(),
+        guard: guard.clone(),
+        metrics: metrics.clone(),
+        lifecycle,
+    })
 }
 
 /// The private key of the local listeners should be readable by the bridge alone.

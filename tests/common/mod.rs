@@ -57,6 +57,8 @@ pub struct Options {
     pub account_extra: String,
     /// Extra TOML appended at the end (more accounts, settings).
     pub config_extra: String,
+    /// Extra lines in the `[server]` table.
+    pub server_extra: String,
     pub token_config: TokenEndpointConfig,
     pub office365: Office365Config,
     /// Refresh token to put in the store before the bridge starts (refresh_token flow).
@@ -81,6 +83,7 @@ impl Default for Options {
             flow: "client_credentials",
             account_extra: String::new(),
             config_extra: String::new(),
+            server_extra: String::new(),
             token_config: TokenEndpointConfig::default(),
             office365: Office365Config::default(),
             import_refresh_token: true,
@@ -178,6 +181,7 @@ impl Stage {
 listen = ["127.0.0.1:0"]
 {implicit_line}
 hostname = "bridge.test"
+{server_extra}
 
 [tls]
 {tls_lines}
@@ -207,6 +211,7 @@ upstream_tls = "{upstream_tls}"
             port = office365.addr().port(),
             account_extra = options.account_extra,
             config_extra = options.config_extra,
+            server_extra = options.server_extra,
         );
         let mut config =
             Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("test config: {e}"));

@@ -6,6 +6,8 @@ use super::client::{End, Input};
 use super::{AUTH_LINE_LIMIT, Session};
 use crate::config::Account;
 use crate::oauth::TokenError;
+use crate::ops::metrics::AuthFailure;
+use crate::server::Shared;
 use crate::smtp::Reply;
 use crate::smtp::sasl::{Credentials, Exchange, Failure, Mechanism, SaslError, Step};
 use crate::upstream::{Phase, Target, Upstream, UpstreamError};
@@ -64,16 +66,18 @@ impl Session {
             match step {
                 Step::Done(credentials) => return Ok(Some(credentials)),
                 Step::Failed(failure) => {
+                    if matches!(failure, Failure::Invalid(_)) {
+                        self.shared.metrics.auth_failed(AuthFailure::Malformed);
+                    }
                     let (code, enhanced, text) = failure.reply();
-                    self.errors += 1;
-                    self.reply(code, enhanced, text);
+                    self.error_reply(code, enhanced, text)?;
                     return Ok(None);
                 }
                 Step::Challenge(challenge) => {
                     self.reply_plain(334, challenge);
                     step = match self
                         .client
-                        .read_line(AUTH_LINE_LIMIT, AUTH_LINE_LIMIT)
+                        .read_line(AUTH_LINE_LIMIT, AUTH_LINE_LIMIT, false)
                         .await?
                     {
                         Input::Line(line) => {
@@ -94,9 +98,14 @@ impl Session {
             .accounts
             .iter()
             .position(|a| a.username == username.to_ascii_lowercase());
-        let hash = index.map(|i| config.accounts[i].password_hash.clone());
+        let hash = index.map(|i| config.accounts[i].password_hash.as_str());
         let source = self.peer.ip();
-        if !crate::users::verify(password, hash).await {
+        let verified = self
+            .shared
+            .verifier
+            .verify(&username.to_ascii_lowercase(), password, hash)
+            .await;
+        if !verified {
             tracing::info!(username = %printable(&username), "local authentication failed");
             if self.shared.guard.login_failed(source) {
                 let limits = self.shared.guard.limits();
@@ -108,9 +117,9 @@ impl Session {
                      failures are older than the window"
                 );
             }
-            self.errors += 1;
-            self.reply(535, "5.7.8", "Authentication credentials invalid");
-            return Ok(());
+            self.shared.metrics.auth_failed(AuthFailure::BadCredentials);
+            // Counted like any other client error, so one connection cannot guess forever.
+            return self.error_reply(535, "5.7.8", "Authentication credentials invalid");
         }
         self.shared.guard.login_succeeded(source);
         let Some(index) = index else {
@@ -123,6 +132,7 @@ impl Session {
         match self.open_upstream(index).await {
             Ok(()) => {
                 self.account = Some(index);
+                self.shared.metrics.auth_succeeded();
                 self.reply(235, "2.7.0", "Authentication successful");
             }
             Err(reply) => reply.write_to(self.client.queue()),
@@ -137,12 +147,18 @@ impl Session {
         let account = &shared.config.accounts[index];
         let mut token = match shared.tokens.token(&account.name).await {
             Ok(token) => token,
-            Err(e) => return Err(token_error_reply(&e)),
+            Err(e) => return Err(token_error_reply(&shared, &e)),
         };
         let mut refreshed = false;
         loop {
-            match Upstream::connect(&self.target(account), &token).await {
+            let started = tokio::time::Instant::now();
+            let connected = Upstream::connect(&self.target(account), &token).await;
+            shared
+                .metrics
+                .upstream_latency("connect", started.elapsed());
+            match connected {
                 Ok(upstream) => {
+                    shared.metrics.upstream_ok(&account.name);
                     tracing::debug!(upstream = %account.upstream.host, "upstream authenticated");
                     self.upstream = Some(upstream);
                     return Ok(());
@@ -161,11 +177,15 @@ impl Session {
                         refreshed = true;
                         token = match shared.tokens.replace(&account.name, &token).await {
                             Ok(t) => t,
-                            Err(e) => return Err(token_error_reply(&e)),
+                            Err(e) => return Err(token_error_reply(&shared, &e)),
                         };
                         continue;
                     }
-                    tracing::warn!(account = %account.name, error = %e, "cannot open the upstream session");
+                    tracing::warn!(account = %account.name, error = %e, fix = e.reply().and_then(crate::hints::fix_for_reply), "cannot open the upstream session");
+                    shared
+                        .metrics
+                        .upstream_failed(&account.name, &e.to_string());
+                    shared.metrics.auth_failed(AuthFailure::Upstream);
                     return Err(upstream_auth_reply(&e));
                 }
             }
@@ -191,7 +211,8 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
-fn token_error_reply(e: &TokenError) -> Reply {
+fn token_error_reply(shared: &Shared, e: &TokenError) -> Reply {
+    shared.metrics.auth_failed_token(e);
     match e {
         TokenError::Transient { .. } => Reply::new(
             454,

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::io::Stream;
+use crate::server::Lifecycle;
 use crate::smtp::command::{LineReader, Next};
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -35,6 +36,8 @@ pub enum End {
     TlsHandshake(String),
     #[error("session closed after QUIT or a fatal reply")]
     Done,
+    #[error("the bridge is shutting down")]
+    ShuttingDown,
 }
 
 /// What reading a command line produced.
@@ -55,10 +58,17 @@ pub struct Client {
     /// Nothing read yet on a plaintext connection: the first bytes are checked for a TLS
     /// handshake from a client pointed at the wrong port.
     first_read: bool,
+    /// Where the bridge is in its life: a drain or stop must not wait for a quiet client.
+    lifecycle: tokio::sync::watch::Receiver<Lifecycle>,
 }
 
 impl Client {
-    pub fn new(stream: Stream, idle: Duration, session_limit: Duration) -> Client {
+    pub fn new(
+        stream: Stream,
+        idle: Duration,
+        session_limit: Duration,
+        lifecycle: tokio::sync::watch::Receiver<Lifecycle>,
+    ) -> Client {
         let first_read = !stream.is_tls();
         Client {
             stream: Some(stream),
@@ -69,7 +79,25 @@ impl Client {
             session_limit,
             session_deadline: Instant::now() + session_limit,
             first_read,
+            lifecycle,
         }
+    }
+
+    /// While draining, a session may finish its transaction but starts nothing new; once the
+    /// grace period is over it stops whatever it is doing.
+    pub fn refusing_new_work(&self, in_transaction: bool) -> bool {
+        match *self.lifecycle.borrow() {
+            Lifecycle::Serving => false,
+            Lifecycle::Draining => !in_transaction,
+            Lifecycle::Stopping => true,
+        }
+    }
+
+    /// Tells the client the bridge is going away (RFC 5321 allows 421 at any time).
+    pub fn shutting_down(&mut self) -> End {
+        self.out
+            .extend_from_slice(b"421 4.3.2 Service shutting down, try again later\r\n");
+        End::ShuttingDown
     }
 
     pub fn is_tls(&self) -> bool {
@@ -90,14 +118,20 @@ impl Client {
         self.reader.consume(n);
     }
 
-    /// The next command line, waiting at most `client_idle` for all of it.
-    pub async fn read_line(&mut self, limit: usize, auth_limit: usize) -> Result<Input, End> {
+    /// The next command line, waiting at most `client_idle` for all of it. `in_transaction`
+    /// says whether a drain lets this wait go on.
+    pub async fn read_line(
+        &mut self,
+        limit: usize,
+        auth_limit: usize,
+        in_transaction: bool,
+    ) -> Result<Input, End> {
         let deadline = Instant::now() + self.idle;
         loop {
             match self.reader.next_line(limit, auth_limit) {
                 Next::Line(line) => return Ok(Input::Line(line)),
                 Next::TooLong { auth } => return Ok(Input::TooLong { auth }),
-                Next::NeedMore => self.fill(deadline).await?,
+                Next::NeedMore => self.fill(deadline, in_transaction).await?,
             }
         }
     }
@@ -105,7 +139,7 @@ impl Client {
     /// More message bytes during DATA, waiting at most `client_idle` for them.
     pub async fn fill_data(&mut self) -> Result<(), End> {
         let deadline = Instant::now() + self.idle;
-        self.fill(deadline).await
+        self.fill(deadline, true).await
     }
 
     /// Sends queued replies; a client that does not take them within `client_idle` is gone.
@@ -130,14 +164,24 @@ impl Client {
 
     /// Reads more bytes, flushing pending replies first so a waiting client is never left
     /// without its answers. On a timeout the client hears 421 before the close.
-    async fn fill(&mut self, deadline: Instant) -> Result<(), End> {
+    async fn fill(&mut self, deadline: Instant, in_transaction: bool) -> Result<(), End> {
         self.flush().await?;
+        if self.refusing_new_work(in_transaction) {
+            return Err(self.shutting_down());
+        }
         let session_over = deadline >= self.session_deadline;
         let deadline = deadline.min(self.session_deadline);
         let Some(stream) = self.stream.as_mut() else {
             return Err(End::Closed);
         };
-        let n = match tokio::time::timeout_at(deadline, stream.read(&mut self.chunk)).await {
+        let read = tokio::select! {
+            read = tokio::time::timeout_at(deadline, stream.read(&mut self.chunk)) => Some(read),
+            _ = wait_for_stop(&mut self.lifecycle, in_transaction) => None,
+        };
+        let Some(read) = read else {
+            return Err(self.shutting_down());
+        };
+        let n = match read {
             Err(_) if session_over => {
                 self.goodbye(b"421 4.4.2 Session time limit reached, closing connection\r\n")
                     .await;
@@ -198,5 +242,22 @@ impl Client {
         if let Some(stream) = self.stream.as_mut() {
             let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;
         }
+    }
+}
+
+/// Completes when the session must stop waiting for its client: at `Stopping`, or at
+/// `Draining` when no transaction is open. Pending forever otherwise.
+async fn wait_for_stop(
+    lifecycle: &mut tokio::sync::watch::Receiver<Lifecycle>,
+    in_transaction: bool,
+) {
+    let stop = |state: &Lifecycle| match state {
+        Lifecycle::Serving => false,
+        Lifecycle::Draining => !in_transaction,
+        Lifecycle::Stopping => true,
+    };
+    if lifecycle.wait_for(stop).await.is_err() {
+        // The bridge is gone; its drain aborts this session anyway.
+        std::future::pending::<()>().await;
     }
 }

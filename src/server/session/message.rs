@@ -106,7 +106,7 @@ impl Session {
         {
             self.upstream = None;
             self.transaction = None;
-            tracing::info!(error = %e, "client gone during DATA; message discarded");
+            tracing::debug!(error = %e, "client gone during DATA; message discarded");
             return Err(e);
         }
         match framer.feed(self.client.pending(), out) {
@@ -160,7 +160,10 @@ impl Session {
             }
             ended = self.next_piece(&mut framer, &mut out).await?;
         }
-        self.transaction = None;
+        let recipients = self
+            .transaction
+            .take()
+            .map_or(0, |tx| tx.accepted_recipients);
         if framer.normalised_line_ends() > 0 {
             tracing::debug!(
                 count = framer.normalised_line_ends(),
@@ -170,6 +173,11 @@ impl Session {
         if too_big {
             // The provider has part of the message; closing without the final dot makes it
             // discard that part.
+            tracing::info!(
+                size = framer.bytes_out(),
+                limit = max_size,
+                "message over the size limit refused"
+            );
             self.upstream = None;
             self.reply(
                 552,
@@ -188,11 +196,11 @@ impl Session {
             );
             return Ok(());
         }
-        self.finish_message(framer.bytes_out()).await;
+        self.finish_message(framer.bytes_out(), recipients).await;
         Ok(())
     }
 
-    async fn finish_message(&mut self, size: u64) {
+    async fn finish_message(&mut self, size: u64, recipients: usize) {
         let Some(upstream) = self.upstream.as_mut() else {
             self.reply(
                 451,
@@ -201,20 +209,22 @@ impl Session {
             );
             return;
         };
-        let account = self
-            .account
-            .or(self.no_auth)
-            .map(|i| self.shared.config.accounts[i].name.clone())
-            .unwrap_or_default();
-        match upstream.finish_data().await {
+        let account = self.account.or(self.no_auth).map_or_else(
+            || "-".to_string(),
+            |i| self.shared.config.accounts[i].name.clone(),
+        );
+        let started = tokio::time::Instant::now();
+        let verdict = upstream.finish_data().await;
+        self.shared
+            .metrics
+            .upstream_latency("end_of_data", started.elapsed());
+        match verdict {
             Ok(reply) => {
                 if reply.is_positive_completion() {
-                    tracing::info!(account, size, reply = %reply.text(), "message relayed");
+                    self.shared.metrics.message_relayed(&account, size);
+                    tracing::info!(account, size, recipients, code = reply.code(), reply = %reply.text(), "message relayed");
                 } else {
-                    tracing::warn!(account, size, code = reply.code(), reply = %reply.text(), "provider refused the message");
-                }
-                if reply.code() == 421 {
-                    self.upstream = None;
+                    tracing::warn!(account, size, recipients, code = reply.code(), reply = %reply.text(), fix = crate::hints::fix_for_reply(&reply), "provider refused the message");
                 }
                 self.relay(reply);
             }

@@ -58,7 +58,7 @@ struct Transaction {
 impl Session {
     pub fn new(shared: Arc<Shared>, stream: Stream, peer: SocketAddr) -> Session {
         let t = &shared.config.timeouts;
-        let client = Client::new(stream, t.client_idle, t.session);
+        let client = Client::new(stream, t.client_idle, t.session, shared.lifecycle.clone());
         let no_auth = shared.config.no_auth_account(peer.ip());
         Session {
             shared,
@@ -97,7 +97,7 @@ impl Session {
                 "client started a TLS handshake on a plaintext port; configure it for \
                  STARTTLS, or point it at a listen_implicit_tls address; connection closed"
             ),
-            Err(e @ (End::SessionLimit(_) | End::TlsHandshake(_))) => {
+            Err(e @ (End::SessionLimit(_) | End::TlsHandshake(_) | End::ShuttingDown)) => {
                 tracing::info!(reason = %e, "session ended")
             }
             Err(e) => tracing::debug!(reason = %e, "session ended"),
@@ -110,9 +110,10 @@ impl Session {
 
     async fn serve(&mut self) -> Result<(), End> {
         loop {
+            let in_transaction = self.transaction.is_some();
             match self
                 .client
-                .read_line(COMMAND_LINE_LIMIT, AUTH_LINE_LIMIT)
+                .read_line(COMMAND_LINE_LIMIT, AUTH_LINE_LIMIT, in_transaction)
                 .await?
             {
                 Input::Line(line) => {
@@ -143,6 +144,15 @@ impl Session {
         };
         // Only the command's name: arguments may carry credentials (AUTH initial responses).
         tracing::debug!(command = request.name(), "command");
+        if !matches!(request, Request::Quit)
+            && self.client.refusing_new_work(self.transaction.is_some())
+        {
+            if self.transaction.take().is_some() {
+                // Dropped without QUIT: the provider abandons the transaction.
+                self.upstream = None;
+            }
+            return Err(self.client.shutting_down());
+        }
         match request {
             Request::Ehlo { .. } => self.ehlo(),
             Request::Helo { .. } => self.helo(),
@@ -316,6 +326,7 @@ impl Session {
     /// since a 421 tells the client the channel is closing, the client's connection closes
     /// too; its next connection gets a fresh upstream.
     fn relay(&mut self, reply: Reply) {
+        self.shared.metrics.upstream_reply(&reply);
         if reply.code() == 421 {
             self.upstream = None;
             self.transaction = None;

@@ -84,7 +84,12 @@ impl Session {
             let Some(upstream) = self.upstream.as_mut() else {
                 continue;
             };
-            match upstream.command(Phase::Mail, &line).await {
+            let started = tokio::time::Instant::now();
+            let result = upstream.command(Phase::Mail, &line).await;
+            self.shared
+                .metrics
+                .upstream_latency("command", started.elapsed());
+            match result {
                 Ok(reply) => break reply,
                 Err(e) if attempts == 1 && !matches!(e, UpstreamError::Timeout { .. }) => {
                     tracing::debug!(error = %e, "upstream connection unusable; reconnecting");
@@ -187,6 +192,7 @@ impl Session {
         phase: Phase,
         line: &[u8],
     ) -> Result<Reply, Reply> {
+        let started = tokio::time::Instant::now();
         let result = match self.upstream.as_mut() {
             Some(upstream) => upstream.command(phase, line).await,
             None => {
@@ -198,6 +204,9 @@ impl Session {
                 ));
             }
         };
+        self.shared
+            .metrics
+            .upstream_latency("command", started.elapsed());
         match result {
             Ok(reply) => {
                 if reply.code() == 421 {

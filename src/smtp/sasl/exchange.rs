@@ -58,8 +58,11 @@ impl Failure {
                 "5.7.8",
                 "Authentication credentials invalid (authorization identity must match the username)",
             ),
-            Failure::Invalid(SaslError::InvalidBase64 | SaslError::NotUtf8) => {
+            Failure::Invalid(SaslError::InvalidBase64) => {
                 (501, "5.5.2", "Cannot decode base64 response")
+            }
+            Failure::Invalid(SaslError::NotUtf8) => {
+                (501, "5.5.2", "Credentials must be UTF-8 text")
             }
             Failure::Invalid(SaslError::Malformed) => {
                 (501, "5.5.2", "Malformed authentication response")
