@@ -4,19 +4,24 @@
 //! Everything is validated before a socket is bound. Errors name the key and what was expected
 //! but never echo the value, because the value may be a secret.
 
+mod policy;
+mod pool;
+mod server;
+
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+
+pub use policy::{AccountPolicy, SenderPattern, canonical as canonical_ip};
+pub use pool::PoolSettings;
+pub use server::{Limits, LocalTls, PlaintextAuth, ServerSettings, Timeouts, is_loopback};
+use server::{RawLimits, RawServer, RawTimeouts, RawTls};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-
-mod pool;
-pub use pool::PoolSettings;
 
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/smtp-oauth-bridge/proxy.toml";
@@ -62,9 +67,12 @@ fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 pub struct Config {
     pub server: ServerSettings,
     pub timeouts: Timeouts,
+    pub limits: Limits,
     pub pool: PoolSettings,
     /// Extra CA certificates trusted for the upstream and the token endpoint.
     pub extra_ca_file: Option<PathBuf>,
+    /// The bridge's own certificate, for STARTTLS and implicit-TLS listeners.
+    pub local_tls: Option<LocalTls>,
     pub store: StoreSettings,
     pub sandbox: Option<SandboxSettings>,
     pub log: LogSettings,
@@ -77,47 +85,6 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
     /// Consecutive failed upstream sessions of one account after which `/healthz` says 503.
     pub upstream_failures_unhealthy: u32,
-}
-
-pub struct ServerSettings {
-    pub listen: Vec<SocketAddr>,
-    /// The name in the greeting and the EHLO reply, and the name the bridge gives upstream.
-    pub hostname: String,
-    /// Largest message accepted from clients; advertised in EHLO as SIZE.
-    pub max_message_size: u64,
-    /// Unknown or out-of-place commands tolerated before the connection is closed.
-    pub max_errors: u32,
-}
-
-/// How long each phase may take before the bridge gives up on it.
-#[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
-    /// Waiting for the next command or the next DATA bytes from a client.
-    pub client_idle: Duration,
-    /// TCP connect plus TLS handshake plus greeting, toward the upstream.
-    pub upstream_connect: Duration,
-    /// Each upstream command's reply.
-    pub upstream_command: Duration,
-    /// The upstream's reply after the end of DATA, which can take minutes for large messages.
-    pub upstream_data_end: Duration,
-    /// Each request to the token endpoint.
-    pub token_request: Duration,
-    /// After SIGTERM, how long sessions in flight may take to finish before they are told
-    /// 421 and closed.
-    pub shutdown_grace: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            client_idle: Duration::from_secs(300),
-            upstream_connect: Duration::from_secs(30),
-            upstream_command: Duration::from_secs(120),
-            upstream_data_end: Duration::from_secs(600),
-            token_request: Duration::from_secs(30),
-            shutdown_grace: Duration::from_secs(30),
-        }
-    }
 }
 
 pub struct StoreSettings {
@@ -184,6 +151,7 @@ pub struct Account {
     pub provider: Provider,
     pub oauth: OAuthSettings,
     pub upstream: UpstreamSettings,
+    pub policy: AccountPolicy,
 }
 
 pub struct OAuthSettings {
@@ -251,6 +219,8 @@ struct RawConfig {
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
     pool: pool::RawPool,
     #[serde(default)]
     tls: RawTls,
@@ -269,32 +239,6 @@ struct RawConfig {
 struct RawAdmin {
     listen: Option<String>,
     upstream_failures_unhealthy: Option<u32>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    listen: Option<Vec<String>>,
-    hostname: Option<String>,
-    max_message_size: Option<u64>,
-    max_errors: Option<u32>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawTimeouts {
-    client_idle: Option<u64>,
-    upstream_connect: Option<u64>,
-    upstream_command: Option<u64>,
-    upstream_data_end: Option<u64>,
-    token_request: Option<u64>,
-    shutdown_grace: Option<u64>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    extra_ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -336,6 +280,9 @@ struct RawAccount {
     scopes: Option<Vec<String>>,
     upstream: Option<String>,
     upstream_tls: Option<UpstreamTls>,
+    allowed_senders: Option<Vec<String>>,
+    check_from_header: Option<bool>,
+    no_auth_sources: Option<Vec<String>>,
 }
 
 fn default_true() -> bool {
@@ -391,6 +338,20 @@ impl Config {
 
     pub fn account_by_name(&self, name: &str) -> Option<&Account> {
         self.accounts.iter().find(|a| a.name == name)
+    }
+
+    /// The account whose `no_auth_sources` include `peer`, for clients that cannot log in.
+    pub fn no_auth_account(&self, peer: std::net::IpAddr) -> Option<usize> {
+        self.accounts
+            .iter()
+            .position(|a| a.policy.no_auth_source(peer))
+    }
+
+    /// Whether DSN may be advertised: the bridge answers EHLO before it knows which account
+    /// (and so which provider) a client will use, so it offers DSN only when every configured
+    /// provider supports it (Office365 does; Gmail does not advertise it).
+    pub fn advertise_dsn(&self) -> bool {
+        self.accounts.iter().all(|a| a.provider != Provider::Gmail)
     }
 
     /// Whether any account needs the on-disk store (refresh tokens).
@@ -470,9 +431,10 @@ fn join_key(prefix: &str, field: &str) -> String {
 }
 
 fn check(raw: RawConfig) -> Result<Config, ConfigError> {
-    let server = check_server(raw.server)?;
-    let timeouts = check_timeouts(&raw.timeouts)?;
-    let pool = pool::check_pool(&raw.pool)?;
+    let server_side = server::check_server_side(raw.server, &raw.tls)?;
+    let timeouts = server::check_timeouts(&raw.timeouts)?;
+    let limits = server::check_limits(&raw.limits)?;
+    let pool = pool::check_pool(&raw.pool, timeouts.upstream_max_age)?;
     let sandbox = match raw.sandbox {
         Some(s) if s.enabled => Some(SandboxSettings {
             mail_dir: s.mail_dir.unwrap_or_else(|| PathBuf::from("sandbox-mail")),
@@ -490,7 +452,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         format: raw.log.format.unwrap_or(LogFormat::Text),
     };
 
-    let mut accounts = Vec::with_capacity(raw.accounts.len());
+    let mut accounts: Vec<Account> = Vec::with_capacity(raw.accounts.len());
     let mut names = HashSet::new();
     let mut usernames = HashSet::new();
     for (i, raw_account) in raw.accounts.into_iter().enumerate() {
@@ -504,6 +466,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
                 "used by two accounts",
             ));
         }
+        policy::check_sources_unique(i, &account, &accounts)?;
         accounts.push(account);
     }
     if accounts.is_empty() {
@@ -512,28 +475,26 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
             "no [[accounts]] configured; the bridge would refuse every login",
         ));
     }
-    let max_message_size = server.max_message_size;
+    let mut server = server_side.server;
+    // Advertise what every configured provider accepts, so a client learns the limit at
+    // EHLO rather than after uploading.
+    server.max_message_size = server_side.explicit_max_size.unwrap_or_else(|| {
+        accounts
+            .iter()
+            .map(|a| match a.provider {
+                Provider::Gmail => GMAIL_MAX_SIZE,
+                Provider::Office365 | Provider::Sandbox => OFFICE365_MAX_SIZE,
+            })
+            .min()
+            .unwrap_or(OFFICE365_MAX_SIZE)
+    });
     Ok(Config {
-        server: ServerSettings {
-            max_message_size: max_message_size.unwrap_or_else(|| {
-                // Advertise what every configured provider accepts, so a client learns the
-                // limit at EHLO rather than after uploading.
-                accounts
-                    .iter()
-                    .map(|a| match a.provider {
-                        Provider::Gmail => GMAIL_MAX_SIZE,
-                        Provider::Office365 | Provider::Sandbox => OFFICE365_MAX_SIZE,
-                    })
-                    .min()
-                    .unwrap_or(OFFICE365_MAX_SIZE)
-            }),
-            listen: server.listen,
-            hostname: server.hostname,
-            max_errors: server.max_errors,
-        },
+        server,
         timeouts,
+        limits,
         pool,
         extra_ca_file: raw.tls.extra_ca_file,
+        local_tls: server_side.local_tls,
         store: StoreSettings {
             directory: store_dir,
         },
@@ -574,75 +535,6 @@ fn check_admin(raw: RawAdmin) -> Result<AdminSettings, ConfigError> {
     Ok(AdminSettings {
         listen,
         upstream_failures_unhealthy: threshold,
-    })
-}
-
-struct CheckedServer {
-    listen: Vec<SocketAddr>,
-    hostname: String,
-    max_message_size: Option<u64>,
-    max_errors: u32,
-}
-
-fn check_server(raw: RawServer) -> Result<CheckedServer, ConfigError> {
-    let listen_raw = raw
-        .listen
-        .unwrap_or_else(|| vec!["127.0.0.1:1587".into(), "[::1]:1587".into()]);
-    if listen_raw.is_empty() {
-        return Err(err("server.listen", "needs at least one address"));
-    }
-    let mut listen = Vec::new();
-    for (i, text) in listen_raw.iter().enumerate() {
-        let addr: SocketAddr = text.parse().map_err(|_| {
-            err(
-                format!("server.listen[{i}]"),
-                "expected an IP address and port such as \"127.0.0.1:1587\" or \"[::1]:1587\"",
-            )
-        })?;
-        // Until local TLS exists, credentials from clients cross the wire in clear text;
-        // only loopback keeps them on this machine.
-        if !addr.ip().is_loopback() {
-            return Err(err(
-                format!("server.listen[{i}]"),
-                "only loopback addresses (127.0.0.0/8, ::1) are allowed: clients send their \
-                 password in clear text",
-            ));
-        }
-        listen.push(addr);
-    }
-    let hostname = raw.hostname.unwrap_or_else(|| "localhost".into());
-    if hostname.is_empty() || !hostname.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(err("server.hostname", "must be a host name without spaces"));
-    }
-    if raw.max_message_size == Some(0) {
-        return Err(err("server.max_message_size", "must be greater than 0"));
-    }
-    Ok(CheckedServer {
-        listen,
-        hostname,
-        max_message_size: raw.max_message_size,
-        max_errors: raw.max_errors.unwrap_or(10),
-    })
-}
-
-fn check_timeouts(raw: &RawTimeouts) -> Result<Timeouts, ConfigError> {
-    let d = Timeouts::default();
-    let pick = |key: &str, value: Option<u64>, default: Duration| match value {
-        Some(0) => Err(err(format!("timeouts.{key}"), "must be at least 1 second")),
-        Some(s) => Ok(Duration::from_secs(s)),
-        None => Ok(default),
-    };
-    Ok(Timeouts {
-        client_idle: pick("client_idle", raw.client_idle, d.client_idle)?,
-        upstream_connect: pick("upstream_connect", raw.upstream_connect, d.upstream_connect)?,
-        upstream_command: pick("upstream_command", raw.upstream_command, d.upstream_command)?,
-        upstream_data_end: pick(
-            "upstream_data_end",
-            raw.upstream_data_end,
-            d.upstream_data_end,
-        )?,
-        token_request: pick("token_request", raw.token_request, d.token_request)?,
-        shutdown_grace: pick("shutdown_grace", raw.shutdown_grace, d.shutdown_grace)?,
     })
 }
 
@@ -802,12 +694,20 @@ fn check_account(i: usize, raw: RawAccount, sandbox_on: bool) -> Result<Account,
         ));
     }
 
+    let policy = policy::check_account_policy(
+        &key,
+        raw.allowed_senders,
+        raw.check_from_header,
+        raw.no_auth_sources,
+    )?;
+
     Ok(Account {
         name,
         username,
         password_hash,
         mailbox,
         provider,
+        policy,
         oauth: OAuthSettings {
             flow,
             token_url,

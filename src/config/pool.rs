@@ -17,9 +17,10 @@ pub struct PoolSettings {
     pub max_sessions: usize,
     /// How long a client transaction waits for a free session before it gets `451 4.3.2`.
     pub wait: Duration,
-    /// A session older than this is closed instead of reused. Well below the ~20 minutes after
-    /// which Office365 cuts long sessions, and below the access token's remaining life when
-    /// the session opened (tokens are refreshed 10 minutes before they expire).
+    /// A session older than this is closed instead of reused (`timeouts.upstream_max_age`).
+    /// Well below the ~20 minutes after which Office365 cuts long sessions, and within the
+    /// life its token had left when the session opened (tokens are refreshed 10 minutes
+    /// before they expire).
     pub max_age: Duration,
     /// A session that carried this many messages is closed instead of reused.
     pub max_messages: u32,
@@ -48,13 +49,13 @@ impl Default for PoolSettings {
 pub(super) struct RawPool {
     max_sessions: Option<usize>,
     wait: Option<u64>,
-    max_age: Option<u64>,
     max_messages: Option<u32>,
     noop_after: Option<u64>,
     max_idle: Option<u64>,
 }
 
-pub(super) fn check_pool(raw: &RawPool) -> Result<PoolSettings, ConfigError> {
+/// Checks `[pool]`; `max_age` is `timeouts.upstream_max_age`, which predates the pool.
+pub(super) fn check_pool(raw: &RawPool, max_age: Duration) -> Result<PoolSettings, ConfigError> {
     let d = PoolSettings::default();
     let seconds = |key: &str, value: Option<u64>, default: Duration| match value {
         Some(0) => Err(err(format!("pool.{key}"), "must be at least 1 second")),
@@ -75,7 +76,7 @@ pub(super) fn check_pool(raw: &RawPool) -> Result<PoolSettings, ConfigError> {
     let settings = PoolSettings {
         max_sessions,
         wait: seconds("wait", raw.wait, d.wait)?,
-        max_age: seconds("max_age", raw.max_age, d.max_age)?,
+        max_age,
         max_messages,
         noop_after: seconds("noop_after", raw.noop_after, d.noop_after)?,
         max_idle: seconds("max_idle", raw.max_idle, d.max_idle)?,
@@ -84,7 +85,7 @@ pub(super) fn check_pool(raw: &RawPool) -> Result<PoolSettings, ConfigError> {
         // Office365 cuts sessions after about 20 minutes; one cut mid-transaction costs the
         // client a retry.
         return Err(err(
-            "pool.max_age",
+            "timeouts.upstream_max_age",
             "must be at most 1200 seconds (20 minutes)",
         ));
     }
@@ -104,10 +105,15 @@ mod tests {
 
     #[test]
     fn defaults_and_overrides() {
-        assert_eq!(check_pool(&raw("")).unwrap(), PoolSettings::default());
-        let s = check_pool(&raw(
-            "max_sessions = 5\nwait = 2\nmax_age = 300\nmax_messages = 7\nnoop_after = 3\nmax_idle = 9",
-        ))
+        let ten_minutes = Duration::from_secs(600);
+        assert_eq!(
+            check_pool(&raw(""), ten_minutes).unwrap(),
+            PoolSettings::default()
+        );
+        let s = check_pool(
+            &raw("max_sessions = 5\nwait = 2\nmax_messages = 7\nnoop_after = 3\nmax_idle = 9"),
+            Duration::from_secs(300),
+        )
         .unwrap();
         assert_eq!(s.max_sessions, 5);
         assert_eq!(s.wait, Duration::from_secs(2));
@@ -119,18 +125,19 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key() {
+        let ten_minutes = Duration::from_secs(600);
         for (text, key) in [
             ("max_sessions = 0", "pool.max_sessions"),
             ("max_sessions = 5000", "pool.max_sessions"),
             ("wait = 0", "pool.wait"),
-            ("max_age = 0", "pool.max_age"),
-            ("max_age = 1201", "pool.max_age"),
             ("max_messages = 0", "pool.max_messages"),
             ("noop_after = 0", "pool.noop_after"),
             ("max_idle = 0", "pool.max_idle"),
         ] {
-            let e = check_pool(&raw(text)).unwrap_err();
+            let e = check_pool(&raw(text), ten_minutes).unwrap_err();
             assert_eq!(e.key, key, "{text}");
         }
+        let e = check_pool(&raw(""), Duration::from_secs(1201)).unwrap_err();
+        assert_eq!(e.key, "timeouts.upstream_max_age");
     }
 }

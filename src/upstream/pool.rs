@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::Upstream;
+use super::{Phase, Upstream};
 use crate::config::{Account, PoolSettings, UpstreamTls};
 use crate::ops::Metrics;
 
@@ -90,7 +90,6 @@ struct Idle {
 /// An open, authenticated session and its bookkeeping.
 struct Pooled {
     upstream: Upstream,
-    opened: Instant,
     messages: u32,
     /// Released when the connection is closed, never earlier: the provider still counts the
     /// session until then.
@@ -208,7 +207,7 @@ impl Slot {
 
     /// Whether this session may not carry another transaction.
     fn worn_out(&self, session: &Pooled, settings: &PoolSettings) -> bool {
-        session.opened.elapsed() >= settings.max_age || session.messages >= settings.max_messages
+        session.upstream.age() >= settings.max_age || session.messages >= settings.max_messages
     }
 
     /// Takes the warmest usable idle session, closing those that are too old or too long
@@ -230,7 +229,7 @@ impl Slot {
                 continue;
             }
             if idle_for >= settings.noop_after {
-                match session.upstream.command(b"NOOP\r\n").await {
+                match session.upstream.command(Phase::Command, b"NOOP\r\n").await {
                     Ok(reply) if reply.code() == 250 => {}
                     outcome => {
                         tracing::debug!(account = %self.account, ok = outcome.is_ok(), "pooled upstream session failed NOOP");
@@ -330,7 +329,6 @@ impl AccountPool {
                 Ok(Lease {
                     session: Some(Pooled {
                         upstream,
-                        opened: Instant::now(),
                         messages: 0,
                         _permit: permit,
                     }),
@@ -416,7 +414,7 @@ async fn reap(inner: Weak<Inner>) {
                 for slot in slots {
                     slot.close_idle(|idle| {
                         idle.since.elapsed() >= settings.max_idle
-                            || idle.session.opened.elapsed() >= settings.max_age
+                            || idle.session.upstream.age() >= settings.max_age
                     });
                 }
                 reap_interval(&settings)
