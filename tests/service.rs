@@ -357,11 +357,9 @@ fn metric(text: &str, series: &str) -> f64 {
 async fn metrics_and_health_tell_a_monitoring_system_what_happened() {
     let fakes = Fakes::start().await;
     let broken = fakes.account("broken", "broken@contoso.com", "not-the-secret");
-    let config = fakes.config(
-        &["127.0.0.1:0"],
-        "[admin]\nlisten = \"127.0.0.1:0\"\nupstream_failures_unhealthy = 2\n",
-        &[fakes.printer(), broken],
-    );
+    let accounts = [fakes.printer(), broken];
+    let admin_toml = "[admin]\nlisten = \"127.0.0.1:0\"\nupstream_failures_unhealthy = 2\n";
+    let config = fakes.config(&["127.0.0.1:0"], admin_toml, &accounts);
     let bridge = Running::start(config).await;
     let addr = bridge.addrs[0];
     let admin = bridge.admin.expect("admin listener");
@@ -477,7 +475,12 @@ async fn metrics_and_health_tell_a_monitoring_system_what_happened() {
         1.0
     );
 
-    // The provider refusing the bridge twice in a row marks it failing.
+    // The provider refusing the bridge twice in a row marks it failing. A reload closes the
+    // pooled provider session, so each of the next logins has to open a new one.
+    bridge
+        .reload(fakes.config(&["127.0.0.1:0"], admin_toml, &accounts))
+        .await
+        .unwrap();
     fakes.office365.behaviour().auth_reply = Some(
         "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant."
             .into(),

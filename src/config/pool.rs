@@ -17,11 +17,6 @@ pub struct PoolSettings {
     pub max_sessions: usize,
     /// How long a client transaction waits for a free session before it gets `451 4.3.2`.
     pub wait: Duration,
-    /// A session older than this is closed instead of reused (`timeouts.upstream_max_age`).
-    /// Well below the ~20 minutes after which Office365 cuts long sessions, and within the
-    /// life its token had left when the session opened (tokens are refreshed 10 minutes
-    /// before they expire).
-    pub max_age: Duration,
     /// A session that carried this many messages is closed instead of reused.
     pub max_messages: u32,
     /// A session idle longer than this is checked with NOOP before it is reused.
@@ -36,7 +31,6 @@ impl Default for PoolSettings {
         PoolSettings {
             max_sessions: DEFAULT_MAX_SESSIONS,
             wait: Duration::from_secs(60),
-            max_age: Duration::from_secs(600),
             max_messages: 100,
             noop_after: Duration::from_secs(20),
             max_idle: Duration::from_secs(45),
@@ -54,7 +48,8 @@ pub(super) struct RawPool {
     max_idle: Option<u64>,
 }
 
-/// Checks `[pool]`; `max_age` is `timeouts.upstream_max_age`, which predates the pool.
+/// Checks `[pool]`. A session's maximum age is `timeouts.upstream_max_age`, which predates
+/// the pool; it is checked here because only pooled sessions live long enough to matter.
 pub(super) fn check_pool(raw: &RawPool, max_age: Duration) -> Result<PoolSettings, ConfigError> {
     let d = PoolSettings::default();
     let seconds = |key: &str, value: Option<u64>, default: Duration| match value {
@@ -76,12 +71,11 @@ pub(super) fn check_pool(raw: &RawPool, max_age: Duration) -> Result<PoolSetting
     let settings = PoolSettings {
         max_sessions,
         wait: seconds("wait", raw.wait, d.wait)?,
-        max_age,
         max_messages,
         noop_after: seconds("noop_after", raw.noop_after, d.noop_after)?,
         max_idle: seconds("max_idle", raw.max_idle, d.max_idle)?,
     };
-    if settings.max_age > Duration::from_secs(20 * 60) {
+    if max_age > Duration::from_secs(20 * 60) {
         // Office365 cuts sessions after about 20 minutes; one cut mid-transaction costs the
         // client a retry.
         return Err(err(
@@ -117,7 +111,6 @@ mod tests {
         .unwrap();
         assert_eq!(s.max_sessions, 5);
         assert_eq!(s.wait, Duration::from_secs(2));
-        assert_eq!(s.max_age, Duration::from_secs(300));
         assert_eq!(s.max_messages, 7);
         assert_eq!(s.noop_after, Duration::from_secs(3));
         assert_eq!(s.max_idle, Duration::from_secs(9));

@@ -39,6 +39,9 @@ pub struct Shared {
     /// Connection slots and failed-login throttling; one for the life of the process, so a
     /// reload keeps the counts (and applies the new limits).
     pub guard: Arc<limits::Guard>,
+    /// Authenticated provider sessions kept between client sessions, and the per-account cap;
+    /// one for the life of the process, so the cap holds across reloads.
+    pub pool: Arc<crate::upstream::pool::Pool>,
     pub metrics: Arc<Metrics>,
     /// Where the bridge is in its life; sessions watch it to refuse new work while draining.
     pub lifecycle: watch::Receiver<Lifecycle>,
@@ -136,12 +139,17 @@ impl Bridge {
         let (lifecycle, _) = watch::channel(Lifecycle::Serving);
         let verifier = Arc::new(crate::users::Verifier::new());
         let guard = limits::Guard::new(config.limits);
+        let pool = Arc::new(crate::upstream::pool::Pool::new(
+            &config,
+            Some(metrics.clone()),
+        ));
         let shared = build_shared(
             config,
             extra_roots,
             &metrics,
             &verifier,
             &guard,
+            &pool,
             lifecycle.subscribe(),
         )?;
         if let Some(local) = &shared.config.local_tls {
@@ -289,12 +297,14 @@ impl Bridge {
         let extra_roots = bind_sandbox(&mut config, self.sandbox.as_ref());
         let verifier = current(&self.current).verifier.clone();
         let guard = current(&self.current).guard.clone();
+        let pool = current(&self.current).pool.clone();
         let shared = build_shared(
             config,
             extra_roots,
             &self.metrics,
             &verifier,
             &guard,
+            &pool,
             self.lifecycle.subscribe(),
         )
         .map_err(|e| e.to_string())?;
@@ -347,6 +357,7 @@ impl Bridge {
         ));
         self.metrics.set_accounts(after.iter().copied());
         shared.guard.set_limits(shared.config.limits);
+        shared.pool.reconfigure(&shared.config);
         self.metrics
             .set_unhealthy_after(unhealthy_after(&shared.config));
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(shared);
@@ -445,6 +456,7 @@ fn build_shared(
     metrics: &Arc<Metrics>,
     verifier: &Arc<crate::users::Verifier>,
     guard: &Arc<limits::Guard>,
+    pool: &Arc<crate::upstream::pool::Pool>,
     lifecycle: watch::Receiver<Lifecycle>,
 ) -> Result<Shared, StartError> {
     for account in &config.accounts {
@@ -476,6 +488,7 @@ fn build_shared(
         tls_client,
         verifier: verifier.clone(),
         guard: guard.clone(),
+        pool: pool.clone(),
         metrics: metrics.clone(),
         lifecycle,
     })

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -29,8 +29,25 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::{Phase, Upstream};
-use crate::config::{Account, PoolSettings, UpstreamTls};
+use crate::config::{Account, Config, PoolSettings, UpstreamTls};
 use crate::ops::Metrics;
+
+/// The pool's settings: `[pool]`, and `timeouts.upstream_max_age` as the longest a session
+/// may live.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    pool: PoolSettings,
+    max_age: Duration,
+}
+
+impl Settings {
+    fn of(config: &Config) -> Settings {
+        Settings {
+            pool: config.pool,
+            max_age: config.timeouts.upstream_max_age,
+        }
+    }
+}
 
 /// Which provider session an account's pool holds: a change of any of these in a reload makes
 /// a new pool, because sessions opened for the old values must not serve the new ones.
@@ -62,7 +79,7 @@ pub struct Pool {
 }
 
 struct Inner {
-    settings: Mutex<PoolSettings>,
+    settings: Mutex<Settings>,
     accounts: Mutex<HashMap<Key, Arc<Slot>>>,
     metrics: Option<Arc<Metrics>>,
 }
@@ -71,12 +88,14 @@ struct Inner {
 struct Slot {
     account: String,
     max_sessions: usize,
-    settings: Mutex<PoolSettings>,
+    settings: Mutex<Settings>,
     permits: Arc<Semaphore>,
     /// Most recently returned last: reuse takes the warmest, the rest age out.
     idle: Mutex<Vec<Idle>>,
     /// Signalled when a session goes back to the idle stack.
     returned: Notify,
+    /// Sessions lent out now.
+    lent: AtomicUsize,
     /// Replaced by a reload: returned sessions are closed instead of kept.
     retired: AtomicBool,
     metrics: Option<Arc<Metrics>>,
@@ -132,9 +151,9 @@ impl fmt::Debug for Lease {
 
 impl Pool {
     /// An empty pool; starts the task that closes sessions idle too long.
-    pub fn new(settings: PoolSettings, metrics: Option<Arc<Metrics>>) -> Pool {
+    pub fn new(config: &Config, metrics: Option<Arc<Metrics>>) -> Pool {
         let inner = Arc::new(Inner {
-            settings: Mutex::new(settings),
+            settings: Mutex::new(Settings::of(config)),
             accounts: Mutex::new(HashMap::new()),
             metrics,
         });
@@ -157,12 +176,13 @@ impl Pool {
     /// old settings (TLS trust, EHLO name). An account whose provider, mailbox or
     /// `max_sessions` changed gets a new pool; sessions lent from the old one finish their
     /// transaction and are then closed, so for that moment the old and new caps add up.
-    pub fn reconfigure(&self, settings: PoolSettings, accounts: &[Account]) {
+    pub fn reconfigure(&self, config: &Config) {
+        let settings = Settings::of(config);
         *lock(&self.inner.settings) = settings;
-        let keep: Vec<Key> = accounts.iter().map(Key::of).collect();
+        let keep: Vec<Key> = config.accounts.iter().map(Key::of).collect();
         let mut map = lock(&self.inner.accounts);
         map.retain(|key, slot| {
-            let stays = keep.contains(key) && slot.max_sessions == settings.max_sessions;
+            let stays = keep.contains(key) && slot.max_sessions == settings.pool.max_sessions;
             if !stays {
                 slot.retired.store(true, Ordering::Relaxed);
             }
@@ -182,20 +202,21 @@ impl Pool {
 }
 
 impl Slot {
-    fn new(account: &str, settings: PoolSettings, metrics: Option<Arc<Metrics>>) -> Arc<Slot> {
+    fn new(account: &str, settings: Settings, metrics: Option<Arc<Metrics>>) -> Arc<Slot> {
         Arc::new(Slot {
             account: account.to_string(),
-            max_sessions: settings.max_sessions,
+            max_sessions: settings.pool.max_sessions,
             settings: Mutex::new(settings),
-            permits: Arc::new(Semaphore::new(settings.max_sessions)),
+            permits: Arc::new(Semaphore::new(settings.pool.max_sessions)),
             idle: Mutex::new(Vec::new()),
             returned: Notify::new(),
+            lent: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
             metrics,
         })
     }
 
-    fn settings(&self) -> PoolSettings {
+    fn settings(&self) -> Settings {
         *lock(&self.settings)
     }
 
@@ -206,8 +227,8 @@ impl Slot {
     }
 
     /// Whether this session may not carry another transaction.
-    fn worn_out(&self, session: &Pooled, settings: &PoolSettings) -> bool {
-        session.upstream.age() >= settings.max_age || session.messages >= settings.max_messages
+    fn worn_out(&self, session: &Pooled, settings: &Settings) -> bool {
+        session.upstream.age() >= settings.max_age || session.messages >= settings.pool.max_messages
     }
 
     /// Takes the warmest usable idle session, closing those that are too old or too long
@@ -218,7 +239,7 @@ impl Slot {
             let idle = lock(&self.idle).pop()?;
             let idle_for = idle.since.elapsed();
             let mut session = idle.session;
-            if self.worn_out(&session, &settings) || idle_for >= settings.max_idle {
+            if self.worn_out(&session, &settings) || idle_for >= settings.pool.max_idle {
                 self.close(session);
                 continue;
             }
@@ -228,7 +249,7 @@ impl Slot {
                 self.event("lost");
                 continue;
             }
-            if idle_for >= settings.noop_after {
+            if idle_for >= settings.pool.noop_after {
                 match session.upstream.command(Phase::Command, b"NOOP\r\n").await {
                     Ok(reply) if reply.code() == 250 => {}
                     outcome => {
@@ -239,11 +260,7 @@ impl Slot {
                 }
             }
             self.event("reused");
-            return Some(Lease {
-                session: Some(session),
-                slot: self.clone(),
-                reused: true,
-            });
+            return Some(Lease::new(session, self, true));
         }
     }
 
@@ -273,6 +290,16 @@ impl Slot {
         });
     }
 
+    /// Closes idle sessions past `max_idle` or `max_age`, and drops those the provider gave
+    /// up on.
+    fn prune(&self) {
+        let settings = self.settings();
+        self.close_idle(|idle| {
+            idle.since.elapsed() >= settings.pool.max_idle
+                || idle.session.upstream.age() >= settings.max_age
+        });
+    }
+
     /// Closes the idle sessions `expired` picks, and those the provider gave up on.
     fn close_idle(&self, expired: impl Fn(&Idle) -> bool) {
         let mut idle = lock(&self.idle);
@@ -299,7 +326,7 @@ impl AccountPool {
         open: impl AsyncFnOnce() -> Result<Upstream, E>,
     ) -> Result<Lease, AcquireError<E>> {
         let slot = &self.slot;
-        let deadline = Instant::now() + slot.settings().wait;
+        let deadline = Instant::now() + slot.settings().pool.wait;
         let permit = loop {
             // Registered before looking, so a session returned in between is not missed.
             let returned = slot.returned.notified();
@@ -326,15 +353,12 @@ impl AccountPool {
         match open().await {
             Ok(upstream) => {
                 slot.event("opened");
-                Ok(Lease {
-                    session: Some(Pooled {
-                        upstream,
-                        messages: 0,
-                        _permit: permit,
-                    }),
-                    slot: slot.clone(),
-                    reused: false,
-                })
+                let session = Pooled {
+                    upstream,
+                    messages: 0,
+                    _permit: permit,
+                };
+                Ok(Lease::new(session, slot, false))
             }
             Err(e) => Err(AcquireError::Open(e)),
         }
@@ -344,7 +368,8 @@ impl AccountPool {
     /// that the provider takes its token, without a round trip.
     pub fn is_warm(&self) -> bool {
         let slot = &self.slot;
-        !lock(&slot.idle).is_empty() || slot.permits.available_permits() < slot.max_sessions
+        slot.prune();
+        !lock(&slot.idle).is_empty() || slot.lent.load(Ordering::Relaxed) > 0
     }
 
     pub fn idle_count(&self) -> usize {
@@ -353,6 +378,15 @@ impl AccountPool {
 }
 
 impl Lease {
+    fn new(session: Pooled, slot: &Arc<Slot>, reused: bool) -> Lease {
+        slot.lent.fetch_add(1, Ordering::Relaxed);
+        Lease {
+            session: Some(session),
+            slot: slot.clone(),
+            reused,
+        }
+    }
+
     /// Whether the session came from the idle stack: if it fails at once, the provider had
     /// dropped it while it waited, and a new one may be opened without the client noticing.
     pub fn reused(&self) -> bool {
@@ -377,6 +411,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        self.slot.lent.fetch_sub(1, Ordering::Relaxed);
         if self.session.is_some() {
             self.slot.event("discarded");
         }
@@ -409,15 +444,11 @@ async fn reap(inner: Weak<Inner>) {
     loop {
         let tick = match inner.upgrade() {
             Some(inner) => {
-                let settings = *lock(&inner.settings);
                 let slots: Vec<Arc<Slot>> = lock(&inner.accounts).values().cloned().collect();
                 for slot in slots {
-                    slot.close_idle(|idle| {
-                        idle.since.elapsed() >= settings.max_idle
-                            || idle.session.upstream.age() >= settings.max_age
-                    });
+                    slot.prune();
                 }
-                reap_interval(&settings)
+                reap_interval(&lock(&inner.settings))
             }
             None => return,
         };
@@ -426,8 +457,8 @@ async fn reap(inner: Weak<Inner>) {
 }
 
 /// Often enough that a session outlives `max_idle` by at most a quarter of it.
-fn reap_interval(settings: &PoolSettings) -> Duration {
-    (settings.max_idle.min(settings.max_age) / 4)
+fn reap_interval(settings: &Settings) -> Duration {
+    (settings.pool.max_idle.min(settings.max_age) / 4)
         .clamp(Duration::from_millis(10), Duration::from_secs(5))
 }
 
@@ -442,11 +473,16 @@ mod tests {
 
     #[test]
     fn reaping_keeps_up_with_short_and_long_settings() {
-        let mut s = PoolSettings::default();
+        let mut s = Settings {
+            pool: PoolSettings::default(),
+            max_age: Duration::from_secs(600),
+        };
         assert_eq!(reap_interval(&s), Duration::from_secs(5));
-        s.max_idle = Duration::from_millis(200);
+        s.pool.max_idle = Duration::from_millis(200);
         assert_eq!(reap_interval(&s), Duration::from_millis(50));
-        s.max_idle = Duration::from_millis(1);
+        s.max_age = Duration::from_millis(100);
+        assert_eq!(reap_interval(&s), Duration::from_millis(25));
+        s.pool.max_idle = Duration::from_millis(1);
         assert_eq!(reap_interval(&s), Duration::from_millis(10));
     }
 }

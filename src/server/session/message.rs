@@ -133,7 +133,7 @@ impl Session {
 
     /// Copies the message to the upstream as it arrives (starting with `out`, bytes already
     /// framed), then relays the upstream's verdict.
-    async fn stream_message(
+    pub(super) async fn stream_message(
         &mut self,
         mut framer: DataFramer,
         mut out: Vec<u8>,
@@ -225,6 +225,13 @@ impl Session {
                     tracing::info!(account, size, recipients, code = reply.code(), reply = %reply.text(), "message relayed");
                 } else {
                     tracing::warn!(account, size, recipients, code = reply.code(), reply = %reply.text(), fix = crate::hints::fix_for_reply(&reply), "provider refused the message");
+                }
+                if reply.code() != 421
+                    && let Some(mut lease) = self.upstream.take()
+                {
+                    // The transaction is over either way; the session serves the next one.
+                    lease.count_message();
+                    lease.release();
                 }
                 self.relay(reply);
             }
