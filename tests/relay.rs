@@ -209,7 +209,12 @@ async fn a_provider_out_of_sessions_for_the_mailbox_means_try_later_never_432() 
     c.ehlo().await;
     assert_eq!(c.auth_plain(USER, common::PASSWORD).await.code(), 235);
     let r = c.cmd(&format!("MAIL FROM:<{USER}>")).await;
-    assert_eq!((r.code(), r.enhanced()), (451, Some("4.3.2")), "{}", r.text());
+    assert_eq!(
+        (r.code(), r.enhanced()),
+        (451, Some("4.3.2")),
+        "{}",
+        r.text()
+    );
     assert_eq!(stage.token_endpoint.request_count(), 1, "no token refresh");
     assert!(stage.office365.messages().is_empty());
 
