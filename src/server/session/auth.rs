@@ -154,7 +154,7 @@ impl Session {
             return Ok(());
         }
         match pool
-            .acquire(async || open_session(&shared, account).await)
+            .acquire(async || Box::pin(open_session(&shared, account)).await)
             .await
         {
             Ok(lease) => {
@@ -173,7 +173,7 @@ impl Session {
         let account = &shared.config.accounts[index];
         let pool = shared.pool.account(account);
         match pool
-            .acquire(async || open_session(&shared, account).await)
+            .acquire(async || Box::pin(open_session(&shared, account)).await)
             .await
         {
             Ok(lease) => Ok(lease),
@@ -204,7 +204,8 @@ enum OpenFailure {
 }
 
 /// Gets a token and opens an authenticated provider session. A token the provider refuses is
-/// replaced once by a fresh one.
+/// replaced once by a fresh one. Callers box this future: it is large (TLS handshake, token
+/// request) and rarely needed, and every session's task would otherwise reserve room for it.
 async fn open_session(shared: &Shared, account: &Account) -> Result<Upstream, OpenFailure> {
     let mut token = match shared.tokens.token(&account.name).await {
         Ok(token) => token,

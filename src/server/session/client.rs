@@ -19,7 +19,7 @@ use crate::smtp::command::{LineReader, Next};
 
 /// Room for one read while waiting for commands: a pipelined group fits, and an idle
 /// session holds no more than this.
-const COMMAND_READ: usize = 2 * 1024;
+const COMMAND_READ: usize = 1024;
 /// Room for one read of message data: the largest TLS record, so a read takes a whole one.
 const DATA_READ: usize = 16 * 1024;
 
@@ -76,7 +76,7 @@ impl Client {
         Client {
             stream: Some(stream),
             reader: LineReader::new(),
-            out: Vec::with_capacity(1024),
+            out: Vec::new(),
             idle,
             session_limit,
             session_deadline: Instant::now() + session_limit,
