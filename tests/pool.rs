@@ -407,3 +407,12 @@ async fn a_warm_pool_makes_logins_free_and_a_cold_one_still_reports_provider_pro
         r.text()
     );
 }
+
+#[tokio::test]
+async fn pooled_sessions_say_quit_when_the_bridge_stops() {
+    let mut stage = Stage::start().await;
+    assert_eq!(one_message_visit(&stage, 0).await, 250);
+    assert_eq!(count(&stage.office365.commands(), "QUIT"), 0);
+    stage.stop_bridge().await;
+    assert!(eventually(|| count(&stage.office365.commands(), "QUIT") == 1).await);
+}

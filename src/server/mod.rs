@@ -279,6 +279,8 @@ impl Bridge {
 
         let grace = grace.unwrap_or(current(&self.current).config.timeouts.shutdown_grace);
         self.drain(acceptors, &sessions, grace).await;
+        // Pooled provider sessions say goodbye rather than vanish.
+        current(&self.current).pool.close_all(HARD_STOP).await;
         if let Some(admin) = admin {
             admin.abort();
         }

@@ -192,6 +192,22 @@ impl Pool {
         });
     }
 
+    /// Closes every idle session with QUIT, waiting at most `limit` for the goodbyes: at
+    /// shutdown, so the provider does not count sessions that are gone.
+    pub async fn close_all(&self, limit: Duration) {
+        let slots: Vec<Arc<Slot>> = lock(&self.inner.accounts).values().cloned().collect();
+        let mut quits = tokio::task::JoinSet::new();
+        for slot in slots {
+            slot.retired.store(true, Ordering::Relaxed);
+            let idle: Vec<Idle> = lock(&slot.idle).drain(..).collect();
+            for entry in idle {
+                slot.event("closed");
+                quits.spawn(entry.session.upstream.quit());
+            }
+        }
+        let _ = tokio::time::timeout(limit, quits.join_all()).await;
+    }
+
     /// Idle sessions across all accounts (for tests and metrics).
     pub fn idle_count(&self) -> usize {
         lock(&self.inner.accounts)
