@@ -43,6 +43,13 @@ async fn a_printer_connecting_per_message_reuses_one_provider_session() {
     );
     assert_eq!(stage.office365.auth_attempts().len(), 1, "one AUTH XOAUTH2");
     assert_eq!(stage.token_endpoint.request_count(), 1);
+    let metrics = stage.shared.metrics.encode();
+    for line in [
+        "smtp_oauth_bridge_upstream_sessions_total{account=\"printer\",event=\"opened\"} 1",
+        "smtp_oauth_bridge_upstream_sessions_total{account=\"printer\",event=\"reused\"} 5",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
     let commands = stage.office365.commands();
     assert_eq!(
         count(&commands, "RSET"),
