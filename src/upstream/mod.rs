@@ -320,16 +320,41 @@ impl Upstream {
             .is_pending()
     }
 
-    /// Writes message bytes during DATA.
-    pub async fn write_data(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
-        self.write_all(Phase::Data, bytes).await
+    /// Writes message bytes during DATA: the parts in order, in as few TLS records as they
+    /// fit, without gathering them into a buffer first.
+    pub async fn write_data(&mut self, parts: &[&[u8]]) -> Result<(), UpstreamError> {
+        self.write_parts(Phase::Data, parts).await
     }
 
-    /// Ends DATA and waits (possibly minutes) for the provider's verdict on the message.
-    pub async fn finish_data(&mut self) -> Result<Reply, UpstreamError> {
-        self.write_all(Phase::DataEnd, b".\r\n").await?;
+    /// Writes the last message bytes and the final dot together, then waits (possibly
+    /// minutes) for the provider's verdict on the message.
+    pub async fn finish_data(&mut self, last: &[&[u8]]) -> Result<Reply, UpstreamError> {
+        let mut parts = Vec::with_capacity(last.len() + 1);
+        parts.extend_from_slice(last);
+        parts.push(&b".\r\n"[..]);
+        self.write_parts(Phase::DataEnd, &parts).await?;
         let limit = self.timeouts.upstream_data_end;
         self.read_reply(Phase::DataEnd, limit).await
+    }
+
+    async fn write_parts(&mut self, phase: Phase, parts: &[&[u8]]) -> Result<(), UpstreamError> {
+        let limit = self.timeouts.upstream_command;
+        let stream = &mut self.stream;
+        within(phase, limit, async {
+            let mut slices: Vec<std::io::IoSlice<'_>> =
+                parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+            let mut slices = &mut slices[..];
+            std::io::IoSlice::advance_slices(&mut slices, 0);
+            while !slices.is_empty() {
+                let n = stream.write_vectored(slices).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                std::io::IoSlice::advance_slices(&mut slices, n);
+            }
+            stream.flush().await
+        })
+        .await
     }
 
     /// Says goodbye politely; errors do not matter any more at this point.
