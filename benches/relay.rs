@@ -101,7 +101,16 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(run(args));
+    runtime.block_on(async {
+        // Interrupted or timed out: dropping the run kills the bridge process with it.
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+        tokio::select! {
+            _ = run(args) => {}
+            _ = tokio::signal::ctrl_c() => eprintln!("interrupted"),
+            _ = terminate.recv() => eprintln!("terminated"),
+        }
+    });
 }
 
 struct Stage {
