@@ -289,6 +289,14 @@ impl Upstream {
         self.read_reply(phase, limit).await
     }
 
+    /// NOOP, answered within `limit` (shorter than a command's usual timeout: a pooled
+    /// session slow to answer it is replaced rather than waited for).
+    pub async fn noop(&mut self, limit: Duration) -> Result<Reply, UpstreamError> {
+        let limit = limit.min(self.timeouts.upstream_command);
+        self.write_all(Phase::Command, b"NOOP\r\n").await?;
+        self.read_reply(Phase::Command, limit).await
+    }
+
     /// Writes several pipelined command lines at once (the provider advertised PIPELINING);
     /// their replies are read one by one with [`Upstream::next_reply`].
     pub async fn send_pipelined(&mut self, lines: &[u8]) -> Result<(), UpstreamError> {

@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::{Phase, Upstream};
+use super::Upstream;
 use crate::config::{Account, Config, PoolSettings, UpstreamTls};
 use crate::ops::Metrics;
 
@@ -48,6 +48,9 @@ impl Settings {
         }
     }
 }
+
+/// How long a pooled session may take to answer NOOP before it is given up for a new one.
+const NOOP_LIMIT: Duration = Duration::from_secs(10);
 
 /// Which provider session an account's pool holds: a change of any of these in a reload makes
 /// a new pool, because sessions opened for the old values must not serve the new ones.
@@ -266,7 +269,7 @@ impl Slot {
                 continue;
             }
             if idle_for >= settings.pool.noop_after {
-                match session.upstream.command(Phase::Command, b"NOOP\r\n").await {
+                match session.upstream.noop(NOOP_LIMIT).await {
                     Ok(reply) if reply.code() == 250 => {}
                     outcome => {
                         tracing::debug!(account = %self.account, ok = outcome.is_ok(), "pooled upstream session failed NOOP");
