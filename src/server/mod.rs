@@ -1,5 +1,6 @@
-//! The daemon's serving side: start-up (sandbox, token store, TLS, token manager), the
-//! listeners, the accept loop with one tracing span per connection, and shutdown.
+//! The daemon's serving side: start-up (sandbox, token store, TLS, the token manager and its
+//! refresh task), the listeners, the accept loop with one tracing span per connection, and
+//! shutdown.
 
 pub mod session;
 
@@ -14,7 +15,8 @@ use tracing::Instrument;
 
 use crate::config::{Config, Provider};
 use crate::io::Stream;
-use crate::oauth::TokenManager;
+use crate::oauth::endpoint::Http;
+use crate::oauth::{HttpTokenSource, TokenManager};
 use crate::sandbox::Sandbox;
 use crate::store::Store;
 
@@ -56,60 +58,36 @@ impl Bridge {
     /// stand-ins, the token store, TLS, and the listeners.
     pub async fn start(mut config: Config) -> Result<Bridge, StartError> {
         let mut extra_roots = Vec::new();
-        let sandbox = match &config.sandbox {
-            Some(settings) => {
-                let sandbox = Sandbox::start(Some(settings.mail_dir.clone()))
-                    .await
-                    .map_err(|e| StartError::Sandbox(e.to_string()))?;
-                let token_url = sandbox.token_endpoint.token_url(&sandbox.tenant);
-                let secret = secrecy::SecretString::from(sandbox.client_secret.clone());
-                for account in config
-                    .accounts
-                    .iter_mut()
-                    .filter(|a| a.provider == Provider::Sandbox)
-                {
-                    crate::config::bind_sandbox_account(
-                        account,
-                        token_url.clone(),
-                        sandbox.client_id.clone(),
-                        &secret,
-                        sandbox.office365.addr(),
-                    );
-                }
+        let mail_dir = config.sandbox.as_ref().map(|s| s.mail_dir.clone());
+        let sandbox = match mail_dir {
+            Some(mail_dir) => {
+                let sandbox = start_sandbox(&mut config, &mail_dir).await?;
                 extra_roots.push(sandbox.ca.ca_der());
-                tracing::info!(
-                    token_endpoint = %sandbox.token_endpoint.authority_url(),
-                    office365 = %sandbox.office365.addr(),
-                    mail_dir = %settings.mail_dir.display(),
-                    "sandbox stand-ins for Entra and Office365 started"
-                );
                 Some(sandbox)
             }
             None => None,
         };
-
-        for account in &config.accounts {
+        for identity in &config.identities {
             tracing::info!(
-                account = %account.name,
-                provider = ?account.provider,
-                flow = ?account.oauth.flow,
-                upstream = %format!("{}:{}", account.upstream.host, account.upstream.port),
-                "account configured"
+                identity = %identity.name,
+                provider = ?identity.provider,
+                flow = %identity.oauth.flow,
+                credential = identity.oauth.credential.kind(),
+                upstream = %format!("{}:{}", identity.upstream.host, identity.upstream.port),
+                accounts = config.accounts_of(&identity.name).count(),
+                "identity configured"
             );
         }
         let tls_client = crate::tls::client_config(config.extra_ca_file.as_deref(), extra_roots)?;
-        let store = if config.needs_store() {
-            Some(Arc::new(Store::open(&config.store.directory)?))
-        } else {
-            None
-        };
+        let store = Arc::new(Store::open(&config.store.directory)?);
+        let http =
+            Http::new(&tls_client, config.timeouts.token_request).map_err(StartError::Other)?;
         let tokens = TokenManager::new(
-            &config.accounts,
-            &tls_client,
-            config.timeouts.token_request,
-            store,
-        )
-        .map_err(StartError::Other)?;
+            &config.identities,
+            Arc::new(HttpTokenSource::new(http)),
+            Some(store),
+            config.tokens.clone(),
+        );
 
         let listeners = bind_all(&config.server.listen).await?;
         Ok(Bridge {
@@ -188,6 +166,55 @@ impl Bridge {
         }
         drop(self.sandbox);
     }
+}
+
+/// Starts the stand-ins and points the sandbox identities at them.
+async fn start_sandbox(
+    config: &mut Config,
+    mail_dir: &std::path::Path,
+) -> Result<Sandbox, StartError> {
+    let sandbox = Sandbox::start(Some(mail_dir.to_path_buf()))
+        .await
+        .map_err(|e| StartError::Sandbox(e.to_string()))?;
+    let token_url = sandbox.token_endpoint.token_url(&sandbox.tenant);
+    let secret = secrecy::SecretString::from(sandbox.client_secret.clone());
+    for identity in config
+        .identities
+        .iter_mut()
+        .filter(|i| i.provider == Provider::Sandbox)
+    {
+        let Some(identity) = Arc::get_mut(identity) else {
+            return Err(StartError::Other(
+                "sandbox identity shared before start".into(),
+            ));
+        };
+        identity.bind_sandbox(
+            token_url.clone(),
+            sandbox.client_id.clone(),
+            &secret,
+            sandbox.office365.addr(),
+        );
+    }
+    for account in config
+        .accounts
+        .iter_mut()
+        .filter(|a| a.provider == Provider::Sandbox)
+    {
+        if let Some(identity) = config
+            .identities
+            .iter()
+            .find(|i| i.name == account.identity)
+        {
+            account.upstream = identity.upstream.clone();
+        }
+    }
+    tracing::info!(
+        token_endpoint = %sandbox.token_endpoint.authority_url(),
+        office365 = %sandbox.office365.addr(),
+        mail_dir = %mail_dir.display(),
+        "sandbox stand-ins for Entra and Office365 started"
+    );
+    Ok(sandbox)
 }
 
 async fn spawn_session(

@@ -55,6 +55,8 @@ pub struct Session {
     /// The client used EHLO, so replies carry enhanced status codes (RFC 2034).
     extended: bool,
     account: Option<usize>,
+    /// The mailbox the authenticated client sends as (XOAUTH2 `user=`).
+    mailbox: String,
     upstream: Option<Upstream>,
     token: Option<AccessToken>,
     transaction: Option<Transaction>,
@@ -77,6 +79,7 @@ impl Session {
             greeted: false,
             extended: false,
             account: None,
+            mailbox: String::new(),
             upstream: None,
             token: None,
             transaction: None,
@@ -263,10 +266,8 @@ impl Session {
         };
 
         let config = &self.shared.config;
-        let index = config
-            .accounts
-            .iter()
-            .position(|a| a.username == username.to_ascii_lowercase());
+        let found = config.find_account(&username);
+        let index = found.as_ref().map(|(i, _)| *i);
         let hash = index.map(|i| config.accounts[i].password_hash.clone());
         if !crate::users::verify(password, hash).await {
             tracing::info!(username = %printable(&username), "local authentication failed");
@@ -274,9 +275,10 @@ impl Session {
             self.reply(535, "5.7.8", "Authentication credentials invalid");
             return Ok(());
         }
-        let Some(index) = index else {
+        let Some((index, mailbox)) = found else {
             unreachable!("verify() never accepts an unknown user");
         };
+        self.mailbox = mailbox;
         let account_name = config.accounts[index].name.clone();
         tracing::Span::current().record("account", account_name.as_str());
         tracing::debug!("local authentication succeeded");
@@ -405,7 +407,7 @@ impl Session {
     async fn open_upstream(&mut self, index: usize) -> Result<(), Reply> {
         let shared = self.shared.clone();
         let account = &shared.config.accounts[index];
-        let mut token = match shared.tokens.token(&account.name).await {
+        let mut token = match shared.tokens.token(&account.identity).await {
             Ok(token) => token,
             Err(e) => return Err(token_error_reply(&e)),
         };
@@ -430,7 +432,7 @@ impl Session {
                         // to expiry for it): get a fresh one and try once more.
                         tracing::warn!(account = %account.name, error = %e, "upstream refused the access token; fetching a new one");
                         refreshed = true;
-                        token = match shared.tokens.replace(&account.name, &token).await {
+                        token = match shared.tokens.replace(&account.identity, &token).await {
                             Ok(t) => t,
                             Err(e) => return Err(token_error_reply(&e)),
                         };
@@ -448,7 +450,7 @@ impl Session {
             settings: &account.upstream,
             tls: &self.shared.tls_client,
             ehlo_name: &self.shared.config.server.hostname,
-            mailbox: &account.mailbox,
+            mailbox: &self.mailbox,
             timeouts: self.shared.config.timeouts,
         }
     }
@@ -874,7 +876,10 @@ fn token_error_reply(e: &TokenError) -> Reply {
         ),
         TokenError::NeedsLogin { .. } | TokenError::Setup { .. } => Reply::new(
             535,
-            "5.7.8 Authentication credentials invalid: this account needs its administrator (see the bridge log)",
+            &format!(
+                "5.7.8 Authentication credentials invalid: {}",
+                e.short_reason()
+            ),
         ),
     }
 }

@@ -60,6 +60,11 @@ pub struct Options {
     pub implicit_tls: bool,
     /// Whether the bridge is told to trust the test CA.
     pub trust_test_ca: bool,
+    /// Obtain the first token at start. Off by default: most stories count the token
+    /// requests that sessions cause, so none may happen before the first session.
+    pub prefetch: bool,
+    /// Extra lines for the `[tokens]` table.
+    pub tokens_extra: String,
 }
 
 impl Default for Options {
@@ -73,6 +78,8 @@ impl Default for Options {
             import_refresh_token: true,
             implicit_tls: false,
             trust_test_ca: true,
+            prefetch: false,
+            tokens_extra: String::new(),
         }
     }
 }
@@ -143,6 +150,10 @@ hostname = "bridge.test"
 [store]
 directory = "{store}"
 
+[tokens]
+prefetch = {prefetch}
+{tokens_extra}
+
 [[accounts]]
 name = "printer"
 username = "{USER}"
@@ -163,6 +174,8 @@ upstream_tls = "{upstream_tls}"
             flow = options.flow,
             token_url = token_endpoint.token_url(TENANT),
             port = office365.addr().port(),
+            prefetch = options.prefetch,
+            tokens_extra = options.tokens_extra,
             account_extra = options.account_extra,
             config_extra = options.config_extra,
         );
