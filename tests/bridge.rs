@@ -477,7 +477,12 @@ async fn token_endpoint_failures_map_to_454_or_535() {
         match failure {
             TokenFailure::TooManyRequests { .. } => {
                 let r = c.auth_plain(USER, PASSWORD).await;
-                assert_eq!((r.code(), r.enhanced()), (454, Some("4.7.0")), "{}", r.text());
+                assert_eq!(
+                    (r.code(), r.enhanced()),
+                    (454, Some("4.7.0")),
+                    "{}",
+                    r.text()
+                );
                 assert_eq!(stage.token_endpoint.request_count(), requests);
             }
             _ if code == 454 => {
