@@ -99,8 +99,9 @@ pub(super) struct SlotState {
     pub(super) last_error: Option<TokenError>,
     pub(super) last_attempt: Option<Instant>,
     pub(super) failures: u32,
-    /// When the refresh token was last redeemed (the keep-alive clock).
-    pub(super) refresh_token_used: Option<Instant>,
+    /// When the refresh token must be redeemed at the latest, however idle the identity
+    /// (`keepalive` after its last use).
+    pub(super) keepalive_due: Option<Instant>,
     /// The token file as it was when the identity started needing a login.
     pub(super) login_version: Option<FileVersion>,
     authority_warned: bool,
@@ -122,15 +123,28 @@ pub(super) struct Held {
 }
 
 impl Held {
+    /// A token just received, valid for `lifetime` from `now`.
     fn new(secret: SecretString, lifetime: Duration, now: Instant, margin: Duration) -> Held {
-        let expires_at = now + lifetime;
+        Held::restored(secret, lifetime, lifetime, now, margin)
+    }
+
+    /// A token of `lifetime` with `left` of it remaining at `now` (one read from the store).
+    fn restored(
+        secret: SecretString,
+        lifetime: Duration,
+        left: Duration,
+        now: Instant,
+        margin: Duration,
+    ) -> Held {
+        let expires_at = now + left;
+        // Never less than half the lifetime in use: a short-lived token must not be
+        // refreshed in a loop.
+        let before = |d: Duration| if d >= left { now } else { expires_at - d };
         Held {
             token: AccessToken { secret, expires_at },
-            // Never less than half the lifetime in use: a short-lived token must not be
-            // refreshed in a loop.
-            refresh_at: expires_at - margin.min(lifetime / 2),
-            stale_at: expires_at - USABLE_FLOOR.min(lifetime / 4),
-            expires_unix: unix_now().saturating_add(lifetime.as_secs()),
+            refresh_at: before(margin.min(lifetime / 2)),
+            stale_at: before(USABLE_FLOOR.min(lifetime / 4)),
+            expires_unix: unix_now().saturating_add(left.as_secs()),
         }
     }
 }
@@ -144,7 +158,7 @@ impl SlotState {
             last_error: None,
             last_attempt: None,
             failures: 0,
-            refresh_token_used: None,
+            keepalive_due: None,
             login_version: None,
             authority_warned: false,
             last_refresh_unix: None,
@@ -530,7 +544,7 @@ impl Inner {
         st.last_error = None;
         st.last_refresh_unix = Some(unix);
         if redeemed_refresh_token {
-            st.refresh_token_used = Some(now);
+            st.keepalive_due = Some(now + self.settings.keepalive);
             st.refresh_token_used_unix = Some(unix);
         }
         if rotated {
@@ -603,7 +617,12 @@ fn initial_state(
         return st;
     };
     let unix = unix_now();
-    st.refresh_token_used = record.refresh_token_used.map(|t| instant_of(t, unix, now));
+    // Ages, not past instants: a monotonic clock cannot reach back before the boot.
+    st.keepalive_due = record.refresh_token_used.map(|used| {
+        now + settings
+            .keepalive
+            .saturating_sub(Duration::from_secs(unix.saturating_sub(used)))
+    });
     st.refresh_token_used_unix = record.refresh_token_used;
     st.refresh_token_received_unix = record.refresh_token_received;
     st.last_refresh_unix = record.last_refresh;
@@ -612,25 +631,15 @@ fn initial_state(
     {
         let obtained = record.last_refresh.unwrap_or(unix).min(unix);
         let lifetime = Duration::from_secs(expires - obtained);
-        let mut held = Held::new(
+        let left = Duration::from_secs(expires - unix);
+        st.token = Some(Held::restored(
             secret,
             lifetime,
-            instant_of(obtained, unix, now),
+            left,
+            now,
             settings.refresh_margin,
-        );
-        held.expires_unix = expires;
-        st.token = Some(held);
+        ));
         st.phase = Phase::Ok;
     }
     st
-}
-
-/// A Unix time as a monotonic instant, given the two clocks' readings of now.
-fn instant_of(unix: u64, unix_now: u64, now: Instant) -> Instant {
-    if unix >= unix_now {
-        now + Duration::from_secs(unix - unix_now)
-    } else {
-        now.checked_sub(Duration::from_secs(unix_now - unix))
-            .unwrap_or(now)
-    }
 }

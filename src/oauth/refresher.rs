@@ -70,7 +70,7 @@ fn due(inner: &Inner, slot: &Slot, st: &SlotState, now: Instant) -> Option<Insta
         return None;
     }
     let keepalive = match slot.identity.oauth.flow {
-        Flow::RefreshToken => st.refresh_token_used.map(|t| t + inner.settings.keepalive),
+        Flow::RefreshToken => st.keepalive_due,
         Flow::ClientCredentials => None,
     };
     let earliest = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
