@@ -541,5 +541,8 @@ async fn the_notify_command_runs_once_with_the_identity_and_the_reason() {
     let (name, reason) = lines[0].split_once('|').unwrap();
     assert_eq!(name, "printer");
     assert!(reason.contains("AADSTS70008"), "{reason}");
-    assert!(reason.contains("hint: run `smtp-oauth-bridge login printer`"), "{reason}");
+    assert!(
+        reason.contains("hint: run `smtp-oauth-bridge login printer`"),
+        "{reason}"
+    );
 }

@@ -50,7 +50,8 @@ pub struct Options {
     pub flow: &'static str,
     /// Extra lines appended to the account's TOML table.
     pub account_extra: String,
-    /// Extra TOML appended at the end (more accounts, settings).
+    /// Extra TOML appended at the end (more accounts, settings). `{TOKEN_URL}` and
+    /// `{UPSTREAM}` stand for the fake endpoint's token URL and the fake Office365.
     pub config_extra: String,
     pub token_config: TokenEndpointConfig,
     pub office365: Office365Config,
@@ -65,6 +66,8 @@ pub struct Options {
     pub prefetch: bool,
     /// Extra lines for the `[tokens]` table.
     pub tokens_extra: String,
+    /// The account's credential lines instead of `client_secret = "..."`.
+    pub credential: Option<String>,
 }
 
 impl Default for Options {
@@ -80,6 +83,7 @@ impl Default for Options {
             trust_test_ca: true,
             prefetch: false,
             tokens_extra: String::new(),
+            credential: None,
         }
     }
 }
@@ -94,6 +98,8 @@ pub struct Stage {
     pub shared: Arc<Shared>,
     /// The refresh token imported at start (refresh_token flow).
     pub imported_refresh_token: Option<String>,
+    /// The configuration the bridge runs with, as a file (for the command line).
+    pub config_path: std::path::PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<()>>,
 }
@@ -160,7 +166,7 @@ username = "{USER}"
 password_hash = "{hash}"
 tenant = "{TENANT}"
 client_id = "{CLIENT_ID}"
-client_secret = "{secret}"
+{credential}
 flow = "{flow}"
 token_url = "{token_url}"
 upstream = "127.0.0.1:{port}"
@@ -170,7 +176,9 @@ upstream_tls = "{upstream_tls}"
 "#,
             store = store_dir.display(),
             hash = password_hash(),
-            secret = client_secret(),
+            credential = options
+                .credential
+                .unwrap_or_else(|| format!("client_secret = \"{}\"", client_secret())),
             flow = options.flow,
             token_url = token_endpoint.token_url(TENANT),
             port = office365.addr().port(),
@@ -179,7 +187,16 @@ upstream_tls = "{upstream_tls}"
             account_extra = options.account_extra,
             config_extra = options.config_extra,
         );
+        // Extra tables may name the stand-ins through placeholders.
+        let toml = toml
+            .replace("{TOKEN_URL}", &token_endpoint.token_url(TENANT))
+            .replace(
+                "{UPSTREAM}",
+                &format!("127.0.0.1:{}", office365.addr().port()),
+            );
         let config = Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("test config: {e}"));
+        let config_path = dir.path().join("proxy.toml");
+        std::fs::write(&config_path, &toml).unwrap();
 
         let mut imported_refresh_token = None;
         if options.flow == "refresh_token" && options.import_refresh_token {
@@ -214,6 +231,7 @@ upstream_tls = "{upstream_tls}"
             bridge: addr,
             shared,
             imported_refresh_token,
+            config_path,
             stop: Some(stop),
             served: Some(served),
         }
@@ -339,6 +357,43 @@ impl SmtpClient {
             Ok(Ok(0)) | Ok(Err(_))
         )
     }
+}
+
+/// An RSA key and self-signed certificate made now with `openssl` (ring cannot generate RSA
+/// keys), in one PEM file as an administrator would make it for an app registration.
+pub fn rsa_certificate(
+    dir: &std::path::Path,
+    name: &str,
+) -> (
+    std::path::PathBuf,
+    rustls_pki_types::CertificateDer<'static>,
+) {
+    use rustls_pki_types::pem::PemObject;
+    let key = dir.join(format!("{name}.key"));
+    let cert = dir.join(format!("{name}.crt"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+        ])
+        .arg(format!("/CN={name}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is needed to make a test certificate (apt-get install openssl)");
+    assert!(status.success(), "openssl req failed");
+    let pem = dir.join(format!("{name}.pem"));
+    let both = format!(
+        "{}{}",
+        std::fs::read_to_string(&cert).unwrap(),
+        std::fs::read_to_string(&key).unwrap()
+    );
+    std::fs::write(&pem, both).unwrap();
+    let der = rustls_pki_types::CertificateDer::from_pem_file(&cert).unwrap();
+    (pem, der)
 }
 
 pub fn b64(text: &str) -> String {
