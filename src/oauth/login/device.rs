@@ -175,3 +175,108 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use secrecy::SecretString;
+
+    use super::*;
+
+    fn authorization(interval: u64, expires: u64) -> DeviceAuthorization {
+        DeviceAuthorization {
+            device_code: "d".into(),
+            user_code: "U".into(),
+            verification_uri: "https://example.test/device".into(),
+            expires_in: Duration::from_secs(expires),
+            interval: Duration::from_secs(interval),
+            message: None,
+        }
+    }
+
+    fn answer() -> TokenAnswer {
+        TokenAnswer {
+            access_token: SecretString::from("at".to_string()),
+            expires_in: None,
+            refresh_token: Some(SecretString::from("rt".to_string())),
+        }
+    }
+
+    /// Runs the loop against scripted polls; returns the result and when each poll came.
+    async fn run(
+        auth: &DeviceAuthorization,
+        script: Vec<fn() -> Poll>,
+    ) -> (
+        Result<TokenAnswer, LoginError>,
+        Vec<Duration>,
+        Vec<Duration>,
+    ) {
+        let start = Instant::now();
+        let script = Mutex::new(script.into_iter());
+        let polls = Mutex::new(Vec::new());
+        let mut shown = Vec::new();
+        let result = poll_until_done(
+            auth,
+            || {
+                polls.lock().unwrap().push(Instant::now() - start);
+                let next = script.lock().unwrap().next().unwrap_or(|| Poll::Pending);
+                async move { next() }
+            },
+            |left| shown.push(left),
+        )
+        .await;
+        (result, polls.into_inner().unwrap(), shown)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn polls_at_the_interval_and_slows_down_by_five_seconds() {
+        let auth = authorization(5, 900);
+        let (result, polls, shown) = run(
+            &auth,
+            vec![
+                || Poll::Pending,
+                || Poll::SlowDown,
+                || Poll::Pending,
+                || Poll::Granted(answer()),
+            ],
+        )
+        .await;
+        assert!(result.is_ok());
+        let secs: Vec<u64> = polls.iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, vec![5, 10, 20, 30], "slow_down adds 5 s for good");
+        assert_eq!(shown[0], Duration::from_secs(900), "time left is shown");
+        assert_eq!(shown[3], Duration::from_secs(880));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn declined_expired_and_refused_end_the_login() {
+        let auth = authorization(5, 900);
+        let (result, _, _) = run(&auth, vec![|| Poll::Declined("The user said no".into())]).await;
+        assert!(matches!(result, Err(LoginError::Declined(why)) if why == "The user said no"));
+        let (result, _, _) = run(&auth, vec![|| Poll::Expired]).await;
+        assert!(matches!(result, Err(LoginError::Expired)));
+        let refused = || {
+            Poll::Failed(TokenError::NeedsLogin {
+                reason: "invalid_client".into(),
+                code: Some("invalid_client".into()),
+                aadsts: Some(700016),
+                hint: String::new(),
+            })
+        };
+        let (result, polls, _) = run(&auth, vec![refused]).await;
+        assert!(matches!(result, Err(LoginError::Refused(_))));
+        assert_eq!(polls.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_code_nobody_uses_runs_out_and_network_blips_are_survived() {
+        let auth = authorization(5, 60);
+        let blip = || Poll::Failed(TokenError::transient("timed out"));
+        let (result, polls, _) = run(&auth, vec![blip, blip]).await;
+        assert!(matches!(result, Err(LoginError::Expired)));
+        let secs: Vec<u64> = polls.iter().map(Duration::as_secs).collect();
+        // After each blip the interval doubles; the last wait is cut at the expiry.
+        assert_eq!(secs, vec![5, 15, 35, 55, 60]);
+    }
+}
