@@ -260,6 +260,16 @@ impl TokenManager {
         self.inner.status()
     }
 
+    /// Stops the refresh task and lets requests in flight finish (at most `grace`), so a
+    /// rotated refresh token the endpoint already issued is stored rather than lost.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.refresher.abort();
+        let deadline = Instant::now() + grace;
+        while self.inner.slots.iter().any(|s| s.lock().in_flight) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn slot(&self, name: &str) -> Result<Arc<Slot>, TokenError> {
         self.inner
             .by_name

@@ -164,6 +164,10 @@ impl Bridge {
             );
             sessions.abort_all();
         }
+        self.shared
+            .tokens
+            .shutdown(self.shared.config.timeouts.token_request)
+            .await;
         drop(self.sandbox);
     }
 }
