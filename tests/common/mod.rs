@@ -50,8 +50,9 @@ pub struct Options {
     pub flow: &'static str,
     /// Extra lines appended to the account's TOML table.
     pub account_extra: String,
-    /// Extra TOML appended at the end (more accounts, settings). `{TOKEN_URL}` and
-    /// `{UPSTREAM}` stand for the fake endpoint's token URL and the fake Office365.
+    /// Extra TOML appended at the end (more accounts, settings). `{TOKEN_URL}`,
+    /// `{AUTHORITY}` and `{UPSTREAM}` stand for the fake endpoint's token URL and authority
+    /// and for the fake Office365.
     pub config_extra: String,
     pub token_config: TokenEndpointConfig,
     pub office365: Office365Config,
@@ -190,6 +191,7 @@ upstream_tls = "{upstream_tls}"
         // Extra tables may name the stand-ins through placeholders.
         let toml = toml
             .replace("{TOKEN_URL}", &token_endpoint.token_url(TENANT))
+            .replace("{AUTHORITY}", &token_endpoint.authority_url())
             .replace(
                 "{UPSTREAM}",
                 &format!("127.0.0.1:{}", office365.addr().port()),
@@ -248,6 +250,25 @@ upstream_tls = "{upstream_tls}"
         let r = c.auth_plain(USER, PASSWORD).await;
         assert_eq!(r.code(), 235, "AUTH: {}", r.text());
         c
+    }
+
+    /// An HTTPS client that trusts the test CA and follows no redirects (a test browser).
+    pub fn browser(&self) -> reqwest::Client {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.ca_der()).unwrap();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
     }
 
     pub fn store(&self) -> smtp_oauth_bridge::store::Store {
