@@ -6,6 +6,8 @@
 
 pub mod cli;
 pub mod config;
+pub mod credentials;
+pub mod hints;
 pub mod io;
 pub mod oauth;
 pub mod ops;

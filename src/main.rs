@@ -11,7 +11,9 @@ use secrecy::{ExposeSecret, SecretString};
 use smtp_oauth_bridge::cli;
 use smtp_oauth_bridge::config::{Config, DEFAULT_CONFIG_PATH};
 use smtp_oauth_bridge::oauth::login::Method;
-use smtp_oauth_bridge::server::Bridge;
+use smtp_oauth_bridge::ops::systemd;
+use smtp_oauth_bridge::server::{Bridge, Control};
+use tokio::sync::{mpsc, oneshot};
 
 /// sysexits.h: the configuration is wrong.
 const EX_CONFIG: u8 = 64;
@@ -37,7 +39,11 @@ enum Command {
     Run,
     /// Check the configuration and exit.
     CheckConfig,
-    /// Print an argon2 hash for a local password (asked for, or read from standard input).
+    /// Check configuration, listeners, store key and every account's token and provider
+    /// login (nothing is sent); one line per check, non-zero exit on any failure.
+    Doctor,
+    /// Print an argon2 hash for a local password: asked for twice on a terminal, otherwise
+    /// the first line of standard input (without its line end).
     HashPassword,
     /// Give an identity its grant: sign a user in (device code or browser), or check an
     /// app-only credential. Stores the tokens encrypted.
@@ -111,10 +117,21 @@ fn main() -> ExitCode {
             Ok(config) => finish(cli::accounts(&config).map(|table| print!("{table}"))),
             Err(code) => code,
         },
-        Command::Run => match load(&cli.config) {
-            Ok(config) => run(config),
-            Err(code) => code,
-        },
+        Command::Doctor => doctor(&cli.config),
+        Command::Run => {
+            // Before any thread exists: this reads and clears LISTEN_FDS.
+            let inherited = match systemd::inherited_listeners() {
+                Ok(listeners) => listeners,
+                Err(e) => {
+                    eprintln!("smtp-oauth-bridge: {e}");
+                    return ExitCode::from(EX_CONFIG);
+                }
+            };
+            match load(&cli.config) {
+                Ok(config) => run(config, inherited, cli.config),
+                Err(code) => code,
+            }
+        }
     }
 }
 
@@ -132,38 +149,111 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("cannot start the async runtime")
 }
 
-fn run(config: Config) -> ExitCode {
+fn run(config: Config, inherited: Vec<std::net::TcpListener>, path: PathBuf) -> ExitCode {
     smtp_oauth_bridge::ops::init_logging(&config.log);
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         "smtp-oauth-bridge starting"
     );
     runtime().block_on(async {
-        let bridge = match Bridge::start(config).await {
+        let bridge = match Bridge::start_with(config, inherited).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
                 eprintln!("smtp-oauth-bridge: {e}");
-                return ExitCode::from(EX_UNAVAILABLE);
+                let code = if e.is_config() {
+                    EX_CONFIG
+                } else {
+                    EX_UNAVAILABLE
+                };
+                return ExitCode::from(code);
             }
         };
-        bridge
-            .serve(shutdown_signal(), Duration::from_secs(30))
-            .await;
+        let _watchdog = systemd::spawn_watchdog();
+        systemd::ready(&serving_status(&bridge));
+        let (control, requests) = mpsc::channel(4);
+        let signals = tokio::spawn(handle_signals(control, path));
+        bridge.run(requests).await;
+        signals.abort();
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
 }
 
-async fn shutdown_signal() {
+fn serving_status(bridge: &Bridge) -> String {
+    let shared = bridge.shared();
+    format!(
+        "serving {} account(s) on {}",
+        shared.config.accounts.len(),
+        bridge
+            .local_addrs()
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
+/// SIGHUP reloads the configuration file; SIGTERM and SIGINT drain and stop.
+async fn handle_signals(control: mpsc::Sender<Control>, path: PathBuf) {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the bridge with SIGKILL");
+        return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = hup.recv() => reload(&control, &path).await,
+        }
+    }
+    systemd::stopping();
+    let _ = control.send(Control::Shutdown).await;
+}
+
+async fn reload(control: &mpsc::Sender<Control>, path: &std::path::Path) {
+    systemd::reloading();
+    tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+    match Config::load(path) {
+        Ok(config) => {
+            let (answer, answered) = oneshot::channel();
+            if control
+                .send(Control::Reload(Box::new(config), answer))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let status = match answered.await {
+                Ok(Ok(_)) => "configuration reloaded".to_string(),
+                Ok(Err(e)) => format!("reload refused: {e}"),
+                Err(_) => return,
+            };
+            systemd::ready(&status);
+        }
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "configuration reload refused; the running configuration stays"
+            );
+            systemd::ready(&format!("reload refused: {e}"));
+        }
+    }
+}
+
+fn doctor(path: &std::path::Path) -> ExitCode {
+    let ok = runtime().block_on(async {
+        let mut out = std::io::stdout();
+        smtp_oauth_bridge::ops::doctor::run(path, &mut out).await
+    });
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -184,8 +274,12 @@ fn hash_password() -> ExitCode {
         }
     } else {
         let mut line = String::new();
-        if std::io::stdin().lock().read_line(&mut line).is_err() {
-            eprintln!("smtp-oauth-bridge: cannot read the password from standard input");
+        if let Err(e) = std::io::stdin().lock().read_line(&mut line) {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                eprintln!("smtp-oauth-bridge: the password must be UTF-8 text");
+            } else {
+                eprintln!("smtp-oauth-bridge: cannot read the password from standard input");
+            }
             return ExitCode::FAILURE;
         }
         SecretString::from(line.trim_end_matches(['\r', '\n']).to_string())

@@ -118,6 +118,14 @@ impl Upstream {
         target: &Target<'_>,
         token: &AccessToken,
     ) -> Result<Upstream, UpstreamError> {
+        let mut up = Self::handshake(target).await?;
+        up.authenticate(target.mailbox, token).await?;
+        Ok(up)
+    }
+
+    /// Connects and secures the connection (TLS from the first byte, or STARTTLS) and reads
+    /// the provider's capabilities, without logging in.
+    pub async fn handshake(target: &Target<'_>) -> Result<Upstream, UpstreamError> {
         let t = target.timeouts;
         let settings = target.settings;
         let server_name = ServerName::try_from(settings.host.clone())
@@ -179,14 +187,29 @@ impl Upstream {
             up.capabilities = Capabilities::default();
             up.ehlo(target.ehlo_name).await?;
         }
+        Ok(up)
+    }
 
-        if !up.capabilities.supports_auth("XOAUTH2") {
+    /// Logs in with `AUTH XOAUTH2` after [`Upstream::handshake`].
+    pub async fn authenticate(
+        &mut self,
+        mailbox: &str,
+        token: &AccessToken,
+    ) -> Result<(), UpstreamError> {
+        if !self.capabilities.supports_auth("XOAUTH2") {
             return Err(UpstreamError::NoXoauth2 {
-                offered: up.capabilities.auth.join(" "),
+                offered: self.capabilities.auth.join(" "),
             });
         }
-        up.auth_xoauth2(target.mailbox, token).await?;
-        Ok(up)
+        self.auth_xoauth2(mailbox, token).await
+    }
+
+    /// The negotiated TLS version, e.g. `TLSv1_3`; `None` on a plain connection.
+    pub fn tls_version(&self) -> Option<String> {
+        match &self.stream {
+            Stream::ClientTls(tls) => tls.get_ref().1.protocol_version().map(|v| format!("{v:?}")),
+            _ => None,
+        }
     }
 
     pub fn capabilities(&self) -> &Capabilities {

@@ -2,8 +2,17 @@
 //! and making new hashes for `hash-password`.
 //!
 //! Verification runs on tokio's blocking pool because argon2 deliberately costs tens of
-//! milliseconds of CPU; an unknown username costs the same as a wrong password so timing
-//! does not reveal which usernames exist.
+//! milliseconds of CPU and 19 MiB of memory; at most one verification per CPU runs at a time,
+//! so a burst of logins (or of guesses) queues instead of exhausting memory. An unknown
+//! username costs the same as a wrong password, so timing does not reveal which usernames
+//! exist.
+//!
+//! A password that verified once is remembered, in memory only, as an HMAC-SHA256 under a
+//! random key made at start-up, so a device that logs in for every message pays argon2 once
+//! per process rather than once per message. Only successful logins are remembered; a wrong
+//! password always goes through argon2. The trade-off: someone able to read the process's
+//! memory could test guesses against the HMAC far faster than against argon2 (they could also
+//! read the access tokens there, which are worth more).
 
 use argon2::password_hash::phc::PasswordHash;
 use argon2::{Argon2, PasswordHasher, PasswordVerifier};
@@ -40,6 +49,16 @@ pub fn is_demo_hash(hash: &str) -> bool {
     verify_blocking(DEMO_PASSWORD, hash)
 }
 
+/// What is remembered of a successful login: the configured hash, NUL, the password.
+fn remembered_message(hash: &str, password: &SecretString) -> zeroize::Zeroizing<Vec<u8>> {
+    let password = password.expose_secret().as_bytes();
+    let mut message = Vec::with_capacity(hash.len() + 1 + password.len());
+    message.extend_from_slice(hash.as_bytes());
+    message.push(0);
+    message.extend_from_slice(password);
+    zeroize::Zeroizing::new(message)
+}
+
 fn verify_blocking(password: &str, hash: &str) -> bool {
     match PasswordHash::new(hash) {
         Ok(parsed) => Argon2::default()
@@ -49,15 +68,81 @@ fn verify_blocking(password: &str, hash: &str) -> bool {
     }
 }
 
-/// Verifies `password` against `hash` (or against a dummy hash when the user is unknown)
-/// without blocking the async runtime.
-pub async fn verify(password: SecretString, hash: Option<String>) -> bool {
-    let known = hash.is_some();
-    let hash = hash.unwrap_or_else(|| DUMMY_HASH.to_string());
-    let ok = tokio::task::spawn_blocking(move || verify_blocking(password.expose_secret(), &hash))
-        .await
-        .unwrap_or(false);
-    ok && known
+/// Checks local passwords: argon2 with bounded concurrency, and a memory of recent successes.
+pub struct Verifier {
+    permits: tokio::sync::Semaphore,
+    key: ring::hmac::Key,
+    /// username → HMAC(key, hash ‖ NUL ‖ password) of the last password that verified.
+    verified: std::sync::Mutex<std::collections::HashMap<String, ring::hmac::Tag>>,
+    argon2_runs: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Verifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Verifier {
+    pub fn new() -> Verifier {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let rng = ring::rand::SystemRandom::new();
+        let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
+            .expect("the system random number generator works");
+        Verifier {
+            permits: tokio::sync::Semaphore::new(cpus),
+            key,
+            verified: Default::default(),
+            argon2_runs: Default::default(),
+        }
+    }
+
+    /// Verifies `password` for `username`, whose configured hash is `hash` (`None` when the
+    /// user is unknown: a dummy hash is checked so the answer takes as long).
+    pub async fn verify(&self, username: &str, password: SecretString, hash: Option<&str>) -> bool {
+        let Some(hash) = hash else {
+            self.argon2(password, DUMMY_HASH.to_string()).await;
+            return false;
+        };
+        // Binding the hash in means a changed password in the configuration invalidates the
+        // remembered success.
+        let message = remembered_message(hash, &password);
+        let remembered = self
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(username)
+            // hmac::verify compares in constant time.
+            .is_some_and(|tag| ring::hmac::verify(&self.key, &message, tag.as_ref()).is_ok());
+        if remembered {
+            return true;
+        }
+        let ok = self.argon2(password, hash.to_string()).await;
+        if ok {
+            let tag = ring::hmac::sign(&self.key, &message);
+            self.verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(username.to_string(), tag);
+        }
+        ok
+    }
+
+    /// How many argon2 verifications ran (the expensive path).
+    pub fn argon2_runs(&self) -> u64 {
+        self.argon2_runs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn argon2(&self, password: SecretString, hash: String) -> bool {
+        let Ok(_permit) = self.permits.acquire().await else {
+            return false;
+        };
+        self.argon2_runs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || verify_blocking(password.expose_secret(), &hash))
+            .await
+            .unwrap_or(false)
+    }
 }
 
 #[cfg(test)]
@@ -81,10 +166,35 @@ mod tests {
         assert!(check_hash(DUMMY_HASH).is_ok());
     }
 
+    fn secret(s: &str) -> SecretString {
+        SecretString::from(s.to_string())
+    }
+
     #[tokio::test]
     async fn unknown_users_never_verify() {
-        assert!(!verify(SecretString::from("x".to_string()), None).await);
+        let v = Verifier::new();
+        assert!(!v.verify("nobody", secret("x"), None).await);
         let hash = hash_password("pw").unwrap();
-        assert!(verify(SecretString::from("pw".to_string()), Some(hash)).await);
+        assert!(v.verify("a", secret("pw"), Some(&hash)).await);
+    }
+
+    #[tokio::test]
+    async fn a_remembered_success_skips_argon2_but_never_admits_another_password() {
+        let v = Verifier::new();
+        let hash = hash_password("right").unwrap();
+        assert!(v.verify("a", secret("right"), Some(&hash)).await);
+        assert_eq!(v.argon2_runs(), 1);
+        assert!(v.verify("a", secret("right"), Some(&hash)).await);
+        assert_eq!(
+            v.argon2_runs(),
+            1,
+            "the second login is answered from memory"
+        );
+        assert!(!v.verify("a", secret("wrong"), Some(&hash)).await);
+        assert_eq!(v.argon2_runs(), 2, "a wrong password always costs argon2");
+        // The password changed in the configuration: the old one no longer works.
+        let new_hash = hash_password("newer").unwrap();
+        assert!(!v.verify("a", secret("right"), Some(&new_hash)).await);
+        assert!(v.verify("a", secret("newer"), Some(&new_hash)).await);
     }
 }

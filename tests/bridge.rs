@@ -669,3 +669,59 @@ async fn injected_bytes_after_the_upstream_starttls_reply_abort_the_connection()
         "no token sent after an injection"
     );
 }
+
+#[tokio::test]
+async fn a_421_from_the_provider_is_relayed_and_the_session_ends() {
+    let stage = Stage::start().await;
+    stage.office365.set_behaviour(Behaviour {
+        rcpt_reply: Some("421 4.7.0 Too many commands, closing".into()),
+        ..Behaviour::default()
+    });
+    let mut c = stage.logged_in().await;
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{USER}>")).await.code(), 250);
+    let r = c.cmd("RCPT TO:<a@contoso.com>").await;
+    assert_eq!((r.code(), r.enhanced()), (421, Some("4.7.0")));
+    assert!(
+        c.closed().await,
+        "after 421 the bridge closes too (RFC 5321 3.8)"
+    );
+}
+
+#[tokio::test]
+async fn repeated_wrong_passwords_end_the_connection() {
+    let stage = Stage::start_with(common::Options {
+        server_extra: "max_errors = 3".into(),
+        ..common::Options::default()
+    })
+    .await;
+    let mut c = stage.client().await;
+    c.ehlo().await;
+    for _ in 0..3 {
+        assert_eq!(c.auth_plain(USER, "guess").await.code(), 535);
+    }
+    let r = c.auth_plain(USER, "guess").await;
+    assert_eq!(r.code(), 535);
+    let r = c.reply().await;
+    assert_eq!((r.code(), r.enhanced()), (421, Some("4.7.0")));
+    assert!(c.closed().await);
+}
+
+#[tokio::test]
+async fn an_overlong_auth_line_gets_500_5_5_6() {
+    let stage = Stage::start().await;
+    let mut c = stage.client().await;
+    c.ehlo().await;
+    let r = c.cmd(&format!("AUTH PLAIN {}", "A".repeat(20_000))).await;
+    assert_eq!((r.code(), r.enhanced()), (500, Some("5.5.6")));
+    let r = c.cmd("AUTH LOGIN").await;
+    assert_eq!(r.code(), 334);
+    let r = c.cmd(&"B".repeat(20_000)).await;
+    assert_eq!((r.code(), r.enhanced()), (500, Some("5.5.6")));
+    // An AUTH initial response under the 12,288-octet limit is read whole (and here refused
+    // only because it is not valid PLAIN data).
+    let r = c
+        .cmd(&format!("AUTH PLAIN {}", common::b64(&"x".repeat(6000))))
+        .await;
+    assert_eq!(r.code(), 501);
+    assert_eq!(c.auth_plain(USER, PASSWORD).await.code(), 235);
+}

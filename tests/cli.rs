@@ -70,7 +70,7 @@ fn a_bad_config_prints_one_line_naming_the_key_and_exits_64() {
         assert_eq!(out.status.code(), Some(64), "{sub}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
-        assert!(stderr.contains("accounts.0.client_secret"), "{stderr}");
+        assert!(stderr.contains("accounts[0].client_secret"), "{stderr}");
         assert!(
             !stderr.contains("12345678"),
             "the value may be a secret: {stderr}"
@@ -326,4 +326,37 @@ fn a_store_whose_key_is_elsewhere_is_refused_not_rekeyed() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("CREDENTIALS_DIRECTORY"), "{stderr}");
     assert!(!state.join("store.key").exists(), "no new key was made");
+}
+
+#[test]
+fn accounts_cannot_come_from_the_environment_and_say_so() {
+    let out = bridge()
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"),
+            "check-config",
+        ])
+        .env("SMTP_OAUTH_BRIDGE_ACCOUNTS__0__CLIENT_SECRET", "from-env")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("use client_secret_env"), "{stderr}");
+    assert!(!stderr.contains("from-env"));
+
+    // Arrays outside [[accounts]] take TOML syntax in the variable.
+    let out = bridge()
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"),
+            "check-config",
+        ])
+        .env("SMTP_OAUTH_BRIDGE_SERVER__LISTEN", "[\"127.0.0.1:2525\"]")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -180,7 +180,7 @@ async fn a_certificate_signs_the_client_assertion_in_either_header_style() {
             .hint
             .as_deref()
             .unwrap()
-            .contains("upload this certificate")
+            .contains("upload the certificate")
     );
 }
 
@@ -314,4 +314,71 @@ async fn a_token_the_provider_refuses_is_replaced_once_on_a_new_connection() {
         2,
         "one forced refresh"
     );
+}
+
+#[tokio::test]
+async fn a_reload_keeps_tokens_of_unchanged_identities_and_retries_a_fixed_one() {
+    use smtp_oauth_bridge::config::Config;
+    use smtp_oauth_bridge::server::{Bridge, Control};
+
+    let stage = Stage::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config_text = |secret: &str| {
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[tls]\nextra_ca_file = \"{ca}\"\n\
+             [store]\ndirectory = \"{state}\"\n\
+             [[identities]]\nname = \"good\"\ntenant = \"{TENANT}\"\nclient_id = \"{CLIENT_ID}\"\n\
+             client_secret = \"{good}\"\ntoken_url = \"{url}\"\nupstream = \"{up}\"\n\
+             [[identities]]\nname = \"fixable\"\ntenant = \"{TENANT}\"\nclient_id = \"{CLIENT_ID}\"\n\
+             client_secret = \"{secret}\"\ntoken_url = \"{url}\"\nupstream = \"{up}\"\n\
+             [[accounts]]\nusername = \"a@contoso.com\"\npassword_hash = \"{hash}\"\nidentity = \"good\"\n\
+             [[accounts]]\nusername = \"b@contoso.com\"\npassword_hash = \"{hash}\"\nidentity = \"fixable\"\n",
+            ca = stage.dir.path().join("test-ca.pem").display(),
+            state = dir.path().display(),
+            good = common::client_secret(),
+            url = stage.token_endpoint.token_url(TENANT),
+            up = format!("127.0.0.1:{}", stage.office365.addr().port()),
+            hash = common::password_hash(),
+        )
+    };
+    let bridge = Bridge::start(Config::from_toml_str(&config_text("not-the-secret")).unwrap())
+        .await
+        .unwrap();
+    let shared = bridge.shared();
+    let (control, requests) = tokio::sync::mpsc::channel(1);
+    let running = tokio::spawn(bridge.run(requests));
+    let state_of = |name: &str| {
+        shared
+            .tokens
+            .status()
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(|s| s.state)
+    };
+    eventually("both identities tried", || {
+        state_of("good") == Some(State::Ok) && state_of("fixable") == Some(State::NeedsLogin)
+    })
+    .await;
+    assert_eq!(stage.token_endpoint.request_count(), 2);
+
+    let fixed = Config::from_toml_str(&config_text(common::client_secret())).unwrap();
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    control
+        .send(Control::Reload(Box::new(fixed), answer))
+        .await
+        .unwrap_or_else(|_| panic!("the bridge runs"));
+    let summary = answered.await.unwrap().unwrap();
+    assert!(summary.contains("identity fixable changed"), "{summary}");
+    assert!(!summary.contains("identity good"), "{summary}");
+    eventually("the fixed identity works", || {
+        state_of("fixable") == Some(State::Ok)
+    })
+    .await;
+    assert_eq!(
+        stage.token_endpoint.request_count(),
+        3,
+        "the unchanged identity kept its token; the fixed one was tried at once"
+    );
+    drop(control);
+    running.await.unwrap();
 }

@@ -173,6 +173,7 @@ fn manager(
 ) -> TokenManager {
     TokenManager::new(
         &[identity(flow)],
+        &[],
         Arc::clone(script) as Arc<dyn TokenSource>,
         store,
         settings(prefetch),
@@ -524,6 +525,7 @@ async fn the_notify_command_runs_once_with_the_identity_and_the_reason() {
     ]);
     let tokens = TokenManager::new(
         &[identity("client_credentials")],
+        &[],
         Arc::clone(&script) as Arc<dyn TokenSource>,
         None,
         settings,

@@ -194,7 +194,36 @@ impl fmt::Display for Identity {
     }
 }
 
+impl OAuthSettings {
+    /// Whether tokens obtained with `self` are still good for `other`: same grant, endpoint,
+    /// client, credential and scopes. What only `login` uses (authorize and device URLs) does
+    /// not matter.
+    pub fn same_grant(&self, other: &OAuthSettings) -> bool {
+        self.flow == other.flow
+            && self.token_url == other.token_url
+            && self.client_id == other.client_id
+            && self.scopes == other.scopes
+            && self.credential.same(&other.credential)
+    }
+}
+
 impl ClientCredential {
+    fn same(&self, other: &ClientCredential) -> bool {
+        match (self, other) {
+            (ClientCredential::None, ClientCredential::None) => true,
+            (ClientCredential::Secret(a), ClientCredential::Secret(b)) => {
+                a.expose_secret() == b.expose_secret()
+            }
+            (ClientCredential::Certificate(a), ClientCredential::Certificate(b)) => {
+                a.certificate == b.certificate
+                    && a.thumbprint == b.thumbprint
+                    && a.algorithm == b.algorithm
+                    && a.path == b.path
+            }
+            _ => false,
+        }
+    }
+
     /// A short word for logs and `accounts`.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -555,6 +584,9 @@ fn client_secret(
         ));
     }
     if let Some(secret) = inline {
+        if secret.expose_secret().trim().is_empty() {
+            return Err(err(key("client_secret"), "is empty"));
+        }
         return Ok(Some(SecretString::from(secret.expose_secret().to_owned())));
     }
     if let Some(path) = file {
@@ -578,6 +610,12 @@ fn client_secret(
                 format!("environment variable {var} is not set"),
             )
         })?;
+        if value.trim().is_empty() {
+            return Err(err(
+                key("client_secret_env"),
+                format!("environment variable {var} is empty"),
+            ));
+        }
         return Ok(Some(SecretString::from(value)));
     }
     Ok(None)
@@ -585,12 +623,7 @@ fn client_secret(
 
 /// A relative name is looked up among systemd credentials first (`LoadCredential=`).
 pub(crate) fn credential_path(path: &Path) -> PathBuf {
-    match std::env::var_os("CREDENTIALS_DIRECTORY") {
-        Some(dir) if path.is_relative() && Path::new(&dir).join(path).exists() => {
-            PathBuf::from(dir).join(path)
-        }
-        _ => path.to_path_buf(),
-    }
+    crate::credentials::resolve(path)
 }
 
 /// Reads the certificate and its RSA key (the key may sit in the same PEM file).

@@ -76,9 +76,17 @@ pub struct Config {
     pub store: StoreSettings,
     pub sandbox: Option<SandboxSettings>,
     pub log: LogSettings,
+    /// The optional loopback HTTP listener for `/metrics` and `/healthz`.
+    pub admin: Option<AdminSettings>,
     /// Every identity, explicit ones first, then those accounts declare inline.
     pub identities: Vec<Arc<Identity>>,
     pub accounts: Vec<Account>,
+}
+
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    /// Consecutive failed upstream sessions of one account after which `/healthz` says 503.
+    pub upstream_failures_unhealthy: u32,
 }
 
 pub struct ServerSettings {
@@ -104,6 +112,9 @@ pub struct Timeouts {
     pub upstream_data_end: Duration,
     /// Each request to the token endpoint.
     pub token_request: Duration,
+    /// After SIGTERM, how long sessions in flight may take to finish before they are told
+    /// 421 and closed.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Timeouts {
@@ -114,12 +125,13 @@ impl Default for Timeouts {
             upstream_command: Duration::from_secs(120),
             upstream_data_end: Duration::from_secs(600),
             token_request: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
 
 /// How the refresh task keeps tokens fresh.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenSettings {
     /// Refresh this long before an access token expires (at most half its lifetime).
     pub refresh_margin: Duration,
@@ -187,10 +199,27 @@ impl Config {
     /// Reads `path` (which must exist; parent directories are never searched) and the
     /// environment, and checks the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        if !path.is_file() {
+        if !path.exists() {
             return Err(err(
                 "",
                 format!("config file {} does not exist", path.display()),
+            ));
+        }
+        if !path.is_file() {
+            return Err(err("", format!("{} is not a file", path.display())));
+        }
+        // Arrays of tables cannot be addressed from the environment (figment would replace
+        // the whole list); say so instead of failing with a type error.
+        if let Some((name, _)) = std::env::vars_os().find(|(k, _)| {
+            k.to_str().is_some_and(|k| {
+                k.starts_with(&format!("{ENV_PREFIX}ACCOUNTS"))
+                    || k.starts_with(&format!("{ENV_PREFIX}IDENTITIES"))
+            })
+        }) {
+            return Err(err(
+                name.to_string_lossy(),
+                "accounts and identities cannot be set from the environment; use \
+                 client_secret_env or client_secret_file in the entry instead",
             ));
         }
         let figment = Figment::new()
@@ -250,6 +279,14 @@ impl Config {
         })
     }
 
+    /// Whether an identity lives on a stored refresh token: the store is then required, not
+    /// just a cache of access tokens.
+    pub fn needs_store(&self) -> bool {
+        self.identities
+            .iter()
+            .any(|i| i.oauth.flow == Flow::RefreshToken)
+    }
+
     /// The accounts that use `identity`.
     pub fn accounts_of<'a>(&'a self, identity: &'a str) -> impl Iterator<Item = &'a Account> {
         self.accounts.iter().filter(move |a| a.identity == identity)
@@ -260,9 +297,9 @@ impl Config {
 /// values ("found string \"hunter2\""), and a mistyped secret must not reach a log.
 fn describe_figment_error(error: figment::Error) -> ConfigError {
     use figment::error::Kind;
-    let key = error.path.join(".");
+    let key = key_path(&error.path);
     let problem = match &error.kind {
-        Kind::Message(m) => m.clone(),
+        Kind::Message(m) => without_source_excerpt(m),
         Kind::InvalidType(_, expected) => format!("wrong type, expected {expected}"),
         Kind::InvalidValue(_, expected) => format!("invalid value, expected {expected}"),
         Kind::InvalidLength(_, expected) => format!("wrong length, expected {expected}"),
@@ -285,6 +322,33 @@ fn describe_figment_error(error: figment::Error) -> ConfigError {
         .map(|s| format!(" (from {s})"))
         .unwrap_or_default();
     err(key, format!("{problem}{source}"))
+}
+
+/// `accounts.0.client_secret` → `accounts[0].client_secret`, the form our own checks use.
+fn key_path(path: &[String]) -> String {
+    let mut out = String::new();
+    for part in path {
+        if part.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// The TOML parser's messages quote the offending source line, which may be the very secret
+/// that is mistyped; keep the position and the description, drop the quoted excerpt.
+fn without_source_excerpt(message: &str) -> String {
+    let lines: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.contains('|'))
+        .collect();
+    lines.join(": ")
 }
 
 fn join_key(prefix: &str, field: &str) -> String {
@@ -319,6 +383,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         .directory
         .or_else(|| std::env::var_os("STATE_DIRECTORY").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(default_store));
+    let admin = raw.admin.map(check_admin).transpose()?;
     let log = LogSettings {
         level: raw.log.level.unwrap_or_else(|| "info".into()),
         format: raw.log.format.unwrap_or(LogFormat::Text),
@@ -341,8 +406,42 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         },
         sandbox,
         log,
+        admin,
         identities,
         accounts,
+    })
+}
+
+fn check_admin(raw: raw::RawAdmin) -> Result<AdminSettings, ConfigError> {
+    let text = raw.listen.ok_or_else(|| {
+        err(
+            "admin.listen",
+            "missing (e.g. \"127.0.0.1:9725\"; remove [admin] to switch the listener off)",
+        )
+    })?;
+    let listen: SocketAddr = text.parse().map_err(|_| {
+        err(
+            "admin.listen",
+            "expected an IP address and port such as \"127.0.0.1:9725\"",
+        )
+    })?;
+    // Metrics name the accounts and health says which one is broken: keep them local.
+    if !listen.ip().is_loopback() {
+        return Err(err(
+            "admin.listen",
+            "only loopback addresses (127.0.0.0/8, ::1) are allowed",
+        ));
+    }
+    let threshold = raw.upstream_failures_unhealthy.unwrap_or(3);
+    if threshold == 0 {
+        return Err(err(
+            "admin.upstream_failures_unhealthy",
+            "must be at least 1",
+        ));
+    }
+    Ok(AdminSettings {
+        listen,
+        upstream_failures_unhealthy: threshold,
     })
 }
 
@@ -519,6 +618,7 @@ fn check_timeouts(raw: &RawTimeouts) -> Result<Timeouts, ConfigError> {
             d.upstream_data_end,
         )?,
         token_request: pick("token_request", raw.token_request, d.token_request)?,
+        shutdown_grace: pick("shutdown_grace", raw.shutdown_grace, d.shutdown_grace)?,
     })
 }
 

@@ -26,10 +26,18 @@ pub(super) struct RawConfig {
     pub(super) sandbox: Option<RawSandbox>,
     #[serde(default)]
     pub(super) log: RawLog,
+    pub(super) admin: Option<RawAdmin>,
     #[serde(default)]
     pub(super) identities: Vec<RawIdentity>,
     #[serde(default)]
     pub(super) accounts: Vec<RawAccount>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) listen: Option<String>,
+    pub(super) upstream_failures_unhealthy: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -49,6 +57,7 @@ pub(super) struct RawTimeouts {
     pub(super) upstream_command: Option<u64>,
     pub(super) upstream_data_end: Option<u64>,
     pub(super) token_request: Option<u64>,
+    pub(super) shutdown_grace: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]

@@ -50,12 +50,12 @@ fn errors_name_the_key_never_the_value() {
         "client_secret = [\"hunter2-secret\"]",
     );
     let e = Config::from_toml_str(&text).err().unwrap();
-    assert_eq!(e.key, "accounts.0.client_secret");
+    assert_eq!(e.key, "accounts[0].client_secret");
     assert!(!e.to_string().contains("hunter2"), "{e}");
 
     let text = office365("").replace("tenant", "tennant");
     let e = Config::from_toml_str(&text).err().unwrap();
-    assert_eq!(e.key, "accounts.0.tennant");
+    assert_eq!(e.key, "accounts[0].tennant");
     assert!(e.problem.contains("unknown key"));
 
     let e = Config::from_toml_str(&office365("").replace("client_id = \"app\"\n", ""))
@@ -434,4 +434,29 @@ fn a_sandbox_config_keeps_its_state_in_the_working_directory() {
         .err()
         .unwrap();
     assert_eq!(e.key, "accounts[0].provider");
+}
+
+#[test]
+fn broken_toml_never_echoes_the_line_it_broke_on() {
+    let secret = "SuperSecretValue123";
+    for broken in [
+        format!("client_secret = \"{secret}~abc"),
+        format!("client_secret = {secret}"),
+        "client_secret = 12345678901234567890123".to_string(),
+        format!("client_secret = \"{secret}\"\nclient_secret = \"{secret}\""),
+    ] {
+        let text = office365("").replace("client_secret = \"hunter2-secret\"", &broken);
+        let e = Config::from_toml_str(&text).expect_err(&broken);
+        let shown = e.to_string();
+        assert!(
+            !shown.contains(secret) && !shown.contains("1234567890"),
+            "{shown}"
+        );
+        assert!(!shown.contains('\n'), "one line: {shown}");
+        assert!(shown.contains("line"), "says where: {shown}");
+    }
+    let e = Config::from_toml_str(&office365("").replace("hunter2-secret", " "))
+        .err()
+        .unwrap();
+    assert_eq!(e.key, "accounts[0].client_secret");
 }

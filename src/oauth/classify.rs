@@ -95,52 +95,14 @@ fn is_permanent(error: &str) -> bool {
     )
 }
 
-/// What an administrator should do, in one line.
+/// What an administrator should do, in one line: the fix from the table of known AADSTS
+/// codes (shared with `doctor`), else one by the `error` field and the flow.
 pub fn hint(error: &str, aadsts: Option<u32>, flow: Flow, login: &str) -> String {
-    let relogin = format!("run `{login}` to sign in again");
-    let by_code = match aadsts {
-        Some(70008 | 700082) => Some(format!(
-            "the refresh token expired (unused too long or too old); {relogin}"
-        )),
-        Some(50173 | 70043 | 50078 | 50076 | 50079) => Some(format!(
-            "the sign-in was revoked or needs MFA again (password change, session revocation, \
-             sign-in frequency); {relogin}"
-        )),
-        Some(7000012) => Some(format!(
-            "the refresh token belongs to another tenant or authority; {relogin}"
-        )),
-        Some(7000215) => Some(
-            "the client secret is wrong: use the secret's Value, not its Secret ID".to_string(),
-        ),
-        Some(7000222) => {
-            Some("the client secret expired: create a new one in the app registration".into())
-        }
-        Some(700016) => Some(
-            "the application is not known in this tenant: check client_id and tenant, or grant \
-             admin consent"
-                .into(),
-        ),
-        Some(7000112) => Some("the application is disabled in Entra ID".into()),
-        Some(700027) => Some(
-            "the assertion signature was refused: upload this certificate to the app \
-             registration (Certificates & secrets)"
-                .into(),
-        ),
-        Some(700024 | 500133) => {
-            Some("the client assertion is outside its validity: check this machine's clock".into())
-        }
-        Some(65001) => {
-            Some("consent is missing: grant admin consent for the application's permissions".into())
-        }
-        Some(53003 | 530035) => {
-            Some("Conditional Access or security defaults blocked the sign-in".into())
-        }
-        Some(900144) => {
-            Some("the request missed a parameter (scopes?); check the identity's scopes".into())
-        }
-        _ => None,
-    };
-    by_code.unwrap_or_else(|| match (error, flow) {
+    let identity = login.rsplit(' ').next().unwrap_or("NAME");
+    if let Some(known) = aadsts.and_then(crate::hints::for_aadsts) {
+        return known.fix.replace("NAME", identity);
+    }
+    match (error, flow) {
         ("invalid_client", _) => {
             "the application's credential is refused: check the client secret or certificate".into()
         }
@@ -148,12 +110,12 @@ pub fn hint(error: &str, aadsts: Option<u32>, flow: Flow, login: &str) -> String
             "the application may not use this grant: check the app registration".into()
         }
         ("invalid_scope", _) => "a scope is refused: check the identity's scopes".into(),
-        (_, Flow::RefreshToken) => relogin,
+        (_, Flow::RefreshToken) => format!("run `{login}` to sign in again"),
         (_, Flow::ClientCredentials) => {
             "the token endpoint refuses the application: check its registration and permissions"
                 .into()
         }
-    })
+    }
 }
 
 #[cfg(test)]
@@ -195,7 +157,7 @@ mod tests {
             } => {
                 assert_eq!(code.as_deref(), Some("invalid_grant"));
                 assert_eq!(aadsts, Some(700082));
-                assert!(hint.contains("run `L`"), "{hint}");
+                assert!(hint.contains("smtp-oauth-bridge login"), "{hint}");
             }
             other => panic!("{other:?}"),
         }

@@ -10,28 +10,27 @@
 //! (scheduling, back-off, keep-alive, the status file) is in [`super::refresher`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::{Notify, Semaphore, watch};
+use secrecy::ExposeSecret;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::config::{Flow, Identity, Provider, TokenSettings};
+use crate::config::{Account, Flow, Identity, Provider, TokenSettings};
 use crate::oauth::grants::{Grant, Granted, TokenSource, login_command};
-use crate::oauth::status::{IdentityStatus, State};
+use crate::oauth::slot::{Obtained, Phase, Slot, SlotState};
+use crate::oauth::status::IdentityStatus;
 use crate::oauth::{AccessToken, TokenError, refresher};
-use crate::store::{FileVersion, Store, TokenRecord, unix_now};
+use crate::ops::Metrics;
+use crate::store::{Store, TokenRecord, unix_now};
 
 /// A session may retry an identity that is backing off after a transient failure, but not
 /// sooner than this after the last attempt: a crowd of clients cannot turn the back-off into
 /// a request storm, and a client that retries a moment later still gets a fresh attempt.
 pub(super) const DEMAND_FLOOR: Duration = Duration::from_secs(1);
-/// A cached token is handed to sessions while it has at least this much life left (or a
-/// quarter of its lifetime, for short-lived tokens). The refresh task replaces it long before.
-const USABLE_FLOOR: Duration = Duration::from_secs(60);
 /// Token requests the background task runs at once (a start with many identities).
 const BACKGROUND_REQUESTS: usize = 4;
 
@@ -50,15 +49,22 @@ impl Drop for TokenManager {
 impl std::fmt::Debug for TokenManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenManager")
-            .field("identities", &self.inner.by_name.keys().collect::<Vec<_>>())
+            .field(
+                "identities",
+                &self
+                    .inner
+                    .slots()
+                    .iter()
+                    .map(|s| s.name().to_string())
+                    .collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
 
 pub(super) struct Inner {
-    pub(super) slots: Vec<Arc<Slot>>,
-    by_name: HashMap<String, usize>,
-    source: Arc<dyn TokenSource>,
+    table: RwLock<Table>,
+    source: RwLock<Arc<dyn TokenSource>>,
     pub(super) store: Option<Arc<Store>>,
     pub(super) settings: TokenSettings,
     /// Wakes the refresh task: a state changed, so its schedule may have.
@@ -66,112 +72,40 @@ pub(super) struct Inner {
     pub(super) permits: Semaphore,
     pub(super) status_dirty: AtomicBool,
     pub(super) started: u64,
+    /// A manager for one-off checks (`doctor`): it writes no status file and caches no
+    /// app-only token on disk (a rotated refresh token is still stored, or it would be lost).
+    pub(super) probe: bool,
+    metrics: OnceLock<Arc<Metrics>>,
 }
 
-/// One identity.
-pub(super) struct Slot {
-    pub(super) identity: Arc<Identity>,
-    state: Mutex<SlotState>,
-    /// Bumped when an attempt ends; sessions waiting for a token watch it.
-    done: watch::Sender<u64>,
-    requests: AtomicU64,
+/// The identities as configured now; a reload replaces it.
+#[derive(Default)]
+struct Table {
+    slots: Vec<Arc<Slot>>,
+    by_name: HashMap<String, usize>,
+    /// The accounts of each identity, which the metrics report by.
+    accounts: HashMap<String, Vec<String>>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(super) enum Phase {
-    /// Nothing asked yet.
-    Idle,
-    Ok,
-    /// Refused for good: no request until an administrator acts.
-    NeedsLogin,
-    /// A transient failure; the next attempt is due at `until`. `throttled` (a 429 or a
-    /// `Retry-After`) holds sessions back too.
-    BackingOff {
-        until: Instant,
-        throttled: bool,
-    },
-}
-
-pub(super) struct SlotState {
-    pub(super) token: Option<Held>,
-    pub(super) phase: Phase,
-    pub(super) in_flight: bool,
-    pub(super) last_error: Option<TokenError>,
-    pub(super) last_attempt: Option<Instant>,
-    pub(super) failures: u32,
-    /// When the refresh token must be redeemed at the latest, however idle the identity
-    /// (`keepalive` after its last use).
-    pub(super) keepalive_due: Option<Instant>,
-    /// The token file as it was when the identity started needing a login.
-    pub(super) login_version: Option<FileVersion>,
-    authority_warned: bool,
-    // Wall-clock times for the status file.
-    last_refresh_unix: Option<u64>,
-    refresh_token_received_unix: Option<u64>,
-    refresh_token_used_unix: Option<u64>,
-}
-
-/// A cached access token with its schedule.
-#[derive(Clone)]
-pub(super) struct Held {
-    pub(super) token: AccessToken,
-    /// When the refresh task replaces it.
-    pub(super) refresh_at: Instant,
-    /// When sessions stop using it.
-    stale_at: Instant,
-    expires_unix: u64,
-}
-
-impl Held {
-    /// A token just received, valid for `lifetime` from `now`.
-    fn new(secret: SecretString, lifetime: Duration, now: Instant, margin: Duration) -> Held {
-        Held::restored(secret, lifetime, lifetime, now, margin)
-    }
-
-    /// A token of `lifetime` with `left` of it remaining at `now` (one read from the store).
-    fn restored(
-        secret: SecretString,
-        lifetime: Duration,
-        left: Duration,
-        now: Instant,
-        margin: Duration,
-    ) -> Held {
-        let expires_at = now + left;
-        // Never less than half the lifetime in use: a short-lived token must not be
-        // refreshed in a loop.
-        let before = |d: Duration| if d >= left { now } else { expires_at - d };
-        Held {
-            token: AccessToken { secret, expires_at },
-            refresh_at: before(margin.min(lifetime / 2)),
-            stale_at: before(USABLE_FLOOR.min(lifetime / 4)),
-            expires_unix: unix_now().saturating_add(left.as_secs()),
+impl Table {
+    fn new(slots: Vec<Arc<Slot>>, accounts: &[Account]) -> Table {
+        let by_name = slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name().to_string(), i))
+            .collect();
+        let mut by_identity: HashMap<String, Vec<String>> = HashMap::new();
+        for account in accounts {
+            by_identity
+                .entry(account.identity.clone())
+                .or_default()
+                .push(account.name.clone());
         }
-    }
-}
-
-impl SlotState {
-    fn new() -> SlotState {
-        SlotState {
-            token: None,
-            phase: Phase::Idle,
-            in_flight: false,
-            last_error: None,
-            last_attempt: None,
-            failures: 0,
-            keepalive_due: None,
-            login_version: None,
-            authority_warned: false,
-            last_refresh_unix: None,
-            refresh_token_received_unix: None,
-            refresh_token_used_unix: None,
+        Table {
+            slots,
+            by_name,
+            accounts: by_identity,
         }
-    }
-
-    fn usable(&self, now: Instant) -> Option<AccessToken> {
-        self.token
-            .as_ref()
-            .filter(|h| now < h.stale_at)
-            .map(|h| h.token.clone())
     }
 }
 
@@ -183,53 +117,96 @@ enum Gate {
     Fail(TokenError),
 }
 
-/// An attempt's result as the slot records it.
-pub(super) struct Obtained {
-    granted: Granted,
-    redeemed_refresh_token: bool,
-    rotated: bool,
-}
-
 impl TokenManager {
     /// Builds the manager, loads cached tokens from the store, and starts the one refresh
-    /// task. Must be called inside a tokio runtime.
+    /// task. `accounts` name the accounts each identity's metrics are reported for. Must be
+    /// called inside a tokio runtime.
     pub fn new(
+        identities: &[Arc<Identity>],
+        accounts: &[Account],
+        source: Arc<dyn TokenSource>,
+        store: Option<Arc<Store>>,
+        settings: TokenSettings,
+    ) -> TokenManager {
+        let inner = Inner::new(identities, accounts, source, store, settings, false);
+        let refresher = tokio::spawn(refresher::run(Arc::clone(&inner)));
+        TokenManager { inner, refresher }
+    }
+
+    /// A manager for one-off checks (`doctor`): tokens on request only, no background
+    /// refresh, and the running daemon's status file left alone.
+    pub fn probe(
         identities: &[Arc<Identity>],
         source: Arc<dyn TokenSource>,
         store: Option<Arc<Store>>,
         settings: TokenSettings,
     ) -> TokenManager {
-        let now = Instant::now();
-        let slots: Vec<Arc<Slot>> = identities
-            .iter()
-            .map(|identity| {
-                let state = initial_state(identity, store.as_deref(), &settings, now);
-                Arc::new(Slot {
-                    identity: Arc::clone(identity),
-                    state: Mutex::new(state),
-                    done: watch::Sender::new(0),
-                    requests: AtomicU64::new(0),
+        let inner = Inner::new(identities, &[], source, store, settings, true);
+        TokenManager {
+            inner,
+            refresher: tokio::spawn(async {}),
+        }
+    }
+
+    /// Reports token requests and their outcomes to `metrics`, for every account of the
+    /// identity concerned.
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> TokenManager {
+        let _ = self.inner.metrics.set(metrics);
+        self
+    }
+
+    /// Applies a reloaded configuration: an identity whose grant is unchanged keeps its
+    /// tokens and state; a new or changed one starts over from the store (so a fixed client
+    /// secret is tried at once); a removed one is dropped. `source` replaces how endpoints are
+    /// reached (new TLS trust). Returns what changed.
+    pub fn reconfigure(
+        &self,
+        identities: &[Arc<Identity>],
+        accounts: &[Account],
+        source: Option<Arc<dyn TokenSource>>,
+    ) -> Vec<String> {
+        if let Some(source) = source {
+            *self
+                .inner
+                .source
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = source;
+        }
+        let mut changes = Vec::new();
+        {
+            let mut table = self
+                .inner
+                .table
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let old = std::mem::take(&mut *table);
+            let slots = identities
+                .iter()
+                .map(|identity| match old.by_name.get(&identity.name) {
+                    Some(&i) if old.slots[i].identity.oauth.same_grant(&identity.oauth) => {
+                        Arc::clone(&old.slots[i])
+                    }
+                    found => {
+                        let what = if found.is_some() { "changed" } else { "added" };
+                        changes.push(format!("identity {} {what}", identity.name));
+                        Arc::new(Slot::new(
+                            identity,
+                            self.inner.store.as_deref(),
+                            &self.inner.settings,
+                        ))
+                    }
                 })
-            })
-            .collect();
-        let by_name = slots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.identity.name.clone(), i))
-            .collect();
-        let inner = Arc::new(Inner {
-            slots,
-            by_name,
-            source,
-            store,
-            settings,
-            wake: Notify::new(),
-            permits: Semaphore::new(BACKGROUND_REQUESTS),
-            status_dirty: AtomicBool::new(true),
-            started: unix_now(),
-        });
-        let refresher = tokio::spawn(refresher::run(Arc::clone(&inner)));
-        TokenManager { inner, refresher }
+                .collect();
+            for slot in &old.slots {
+                if !identities.iter().any(|i| i.name == slot.name()) {
+                    changes.push(format!("identity {} removed", slot.name()));
+                }
+            }
+            *table = Table::new(slots, accounts);
+        }
+        self.inner.status_dirty.store(true, Ordering::Release);
+        self.inner.wake.notify_one();
+        changes
     }
 
     /// A valid access token for `identity`: the cached one when it has life left, otherwise
@@ -265,19 +242,15 @@ impl TokenManager {
     pub async fn shutdown(&self, grace: Duration) {
         self.refresher.abort();
         let deadline = Instant::now() + grace;
-        while self.inner.slots.iter().any(|s| s.lock().in_flight) && Instant::now() < deadline {
+        while self.inner.slots().iter().any(|s| s.lock().in_flight) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     fn slot(&self, name: &str) -> Result<Arc<Slot>, TokenError> {
-        self.inner
-            .by_name
-            .get(name)
-            .map(|&i| Arc::clone(&self.inner.slots[i]))
-            .ok_or_else(|| TokenError::Setup {
-                reason: format!("no identity named {name}"),
-            })
+        self.inner.slot(name).ok_or_else(|| TokenError::Setup {
+            reason: format!("no identity named {name}"),
+        })
     }
 
     async fn get(
@@ -335,18 +308,80 @@ impl TokenManager {
     }
 }
 
-impl Slot {
-    pub(super) fn lock(&self) -> MutexGuard<'_, SlotState> {
-        // The state stays consistent even if a holder panicked.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn name(&self) -> &str {
-        &self.identity.name
-    }
-}
-
 impl Inner {
+    fn new(
+        identities: &[Arc<Identity>],
+        accounts: &[Account],
+        source: Arc<dyn TokenSource>,
+        store: Option<Arc<Store>>,
+        settings: TokenSettings,
+        probe: bool,
+    ) -> Arc<Inner> {
+        let slots = identities
+            .iter()
+            .map(|identity| Arc::new(Slot::new(identity, store.as_deref(), &settings)))
+            .collect();
+        Arc::new(Inner {
+            table: RwLock::new(Table::new(slots, accounts)),
+            source: RwLock::new(source),
+            store,
+            settings,
+            wake: Notify::new(),
+            permits: Semaphore::new(BACKGROUND_REQUESTS),
+            status_dirty: AtomicBool::new(true),
+            started: unix_now(),
+            probe,
+            metrics: OnceLock::new(),
+        })
+    }
+
+    /// The identities now, in configuration order.
+    pub(super) fn slots(&self) -> Vec<Arc<Slot>> {
+        self.table
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .slots
+            .clone()
+    }
+
+    fn slot(&self, name: &str) -> Option<Arc<Slot>> {
+        let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        table
+            .by_name
+            .get(name)
+            .map(|&i| Arc::clone(&table.slots[i]))
+    }
+
+    fn source(&self) -> Arc<dyn TokenSource> {
+        Arc::clone(&self.source.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Tells the metrics about an attempt (`None`: about to start) for every account of the
+    /// identity.
+    fn report(&self, slot: &Slot, outcome: Option<&Result<AccessToken, TokenError>>) {
+        let Some(metrics) = self.metrics.get() else {
+            return;
+        };
+        let accounts = self
+            .table
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .accounts
+            .get(slot.name())
+            .cloned()
+            .unwrap_or_default();
+        for account in &accounts {
+            match outcome {
+                None => metrics.token_refreshing(account),
+                Some(result) => metrics.token_result(account, result),
+            }
+        }
+    }
+
+    pub(super) fn status(&self) -> Vec<IdentityStatus> {
+        self.slots().iter().map(|slot| slot.status()).collect()
+    }
+
     /// Decides whether a session starts a request, waits for one, or gets an answer now.
     fn gate(
         &self,
@@ -414,8 +449,10 @@ impl Inner {
             } else {
                 None
             };
+            self.report(&slot, None);
             let result = self.obtain(&slot).await;
-            refresher::finish(&self, &slot, result);
+            let outcome = refresher::finish(&self, &slot, result);
+            self.report(&slot, Some(&outcome));
             slot.done.send_modify(|g| *g = g.wrapping_add(1));
         });
     }
@@ -425,7 +462,7 @@ impl Inner {
     fn persistent(&self, identity: &Identity) -> Option<&Store> {
         self.store
             .as_deref()
-            .filter(|_| identity.provider != Provider::Sandbox)
+            .filter(|_| identity.provider != Provider::Sandbox && !self.probe)
     }
 
     async fn obtain(&self, slot: &Slot) -> Result<Obtained, TokenError> {
@@ -435,7 +472,7 @@ impl Inner {
         }
         slot.requests.fetch_add(1, Ordering::Relaxed);
         let granted = self
-            .source
+            .source()
             .request(identity, Grant::ClientCredentials)
             .await?;
         if let Some(store) = self.persistent(identity) {
@@ -491,7 +528,7 @@ impl Inner {
         }
         slot.requests.fetch_add(1, Ordering::Relaxed);
         let granted = self
-            .source
+            .source()
             .request(
                 &slot.identity,
                 Grant::Refresh {
@@ -535,72 +572,6 @@ impl Inner {
             rotated,
         })
     }
-
-    pub(super) fn record_success(&self, st: &mut SlotState, obtained: Obtained, now: Instant) {
-        let Obtained {
-            granted,
-            redeemed_refresh_token,
-            rotated,
-        } = obtained;
-        let unix = unix_now();
-        st.token = Some(Held::new(
-            granted.access_token,
-            granted.lifetime,
-            now,
-            self.settings.refresh_margin,
-        ));
-        st.phase = Phase::Ok;
-        st.failures = 0;
-        st.last_error = None;
-        st.last_refresh_unix = Some(unix);
-        if redeemed_refresh_token {
-            st.keepalive_due = Some(now + self.settings.keepalive);
-            st.refresh_token_used_unix = Some(unix);
-        }
-        if rotated {
-            st.refresh_token_received_unix = Some(unix);
-        }
-    }
-
-    pub(super) fn status(&self) -> Vec<IdentityStatus> {
-        self.slots
-            .iter()
-            .map(|slot| {
-                let st = slot.lock();
-                let now = Instant::now();
-                let state = match st.phase {
-                    _ if st.in_flight => State::Refreshing,
-                    Phase::Idle => State::Idle,
-                    Phase::Ok => State::Ok,
-                    Phase::NeedsLogin => State::NeedsLogin,
-                    Phase::BackingOff { .. } => State::BackingOff,
-                };
-                let retry_at = match st.phase {
-                    Phase::BackingOff { until, .. } => {
-                        Some(unix_now() + until.saturating_duration_since(now).as_secs())
-                    }
-                    _ => None,
-                };
-                let hint = match &st.last_error {
-                    Some(TokenError::NeedsLogin { hint, .. }) => Some(hint.clone()),
-                    _ => None,
-                };
-                IdentityStatus {
-                    name: slot.name().to_string(),
-                    flow: slot.identity.oauth.flow.to_string(),
-                    state,
-                    access_token_expires: st.token.as_ref().map(|h| h.expires_unix),
-                    last_refresh: st.last_refresh_unix,
-                    refresh_token_received: st.refresh_token_received_unix,
-                    refresh_token_used: st.refresh_token_used_unix,
-                    retry_at,
-                    last_error: st.last_error.as_ref().map(|e| e.to_string()),
-                    hint,
-                    requests: slot.requests.load(Ordering::Relaxed),
-                }
-            })
-            .collect()
-    }
 }
 
 fn cache_access_token(record: &mut TokenRecord, granted: &Granted) {
@@ -608,48 +579,4 @@ fn cache_access_token(record: &mut TokenRecord, granted: &Granted) {
     record.access_token = Some(granted.access_token.clone());
     record.access_token_expires = Some(now.saturating_add(granted.lifetime.as_secs()));
     record.last_refresh = Some(now);
-}
-
-/// What a restarted bridge knows: the cached access token (still good for sessions) and the
-/// refresh token's times, from the store.
-fn initial_state(
-    identity: &Identity,
-    store: Option<&Store>,
-    settings: &TokenSettings,
-    now: Instant,
-) -> SlotState {
-    let mut st = SlotState::new();
-    let Some(store) = store.filter(|_| identity.provider != Provider::Sandbox) else {
-        return st;
-    };
-    // An unreadable record is reported by the first attempt, which reads it again.
-    let Ok(Some(record)) = store.load(&identity.name) else {
-        return st;
-    };
-    let unix = unix_now();
-    // Ages, not past instants: a monotonic clock cannot reach back before the boot.
-    st.keepalive_due = record.refresh_token_used.map(|used| {
-        now + settings
-            .keepalive
-            .saturating_sub(Duration::from_secs(unix.saturating_sub(used)))
-    });
-    st.refresh_token_used_unix = record.refresh_token_used;
-    st.refresh_token_received_unix = record.refresh_token_received;
-    st.last_refresh_unix = record.last_refresh;
-    if let (Some(secret), Some(expires)) = (record.access_token, record.access_token_expires)
-        && expires > unix
-    {
-        let obtained = record.last_refresh.unwrap_or(unix).min(unix);
-        let lifetime = Duration::from_secs(expires - obtained);
-        let left = Duration::from_secs(expires - unix);
-        st.token = Some(Held::restored(
-            secret,
-            lifetime,
-            left,
-            now,
-            settings.refresh_margin,
-        ));
-        st.phase = Phase::Ok;
-    }
-    st
 }

@@ -7,8 +7,9 @@
 //! - [`jwt`]: the client assertion (private_key_jwt) signed with the certificate's key.
 //! - [`classify`]: endpoint failures sorted into "an administrator must act" and "try
 //!   again later", with the AADSTS code and a one-line hint.
-//! - [`manager`]: [`TokenManager`], the per-identity cache with single flight, the one
-//!   background refresh task, back-off, keep-alive and the status file.
+//! - [`manager`]: [`TokenManager`], the per-identity cache with single flight and the path
+//!   sessions take; `slot` keeps one identity's token and state; `refresher` is the one
+//!   background task (refresh ahead of expiry, back-off, keep-alive, the status file).
 //! - [`login`]: the interactive `login` flows (device code, authorization code with PKCE).
 //!
 //! Sessions ask [`TokenManager::token`]; when a valid token is cached they never wait, and
@@ -21,6 +22,7 @@ pub mod jwt;
 pub mod login;
 pub mod manager;
 mod refresher;
+mod slot;
 pub mod status;
 
 use std::fmt;

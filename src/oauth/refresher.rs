@@ -15,8 +15,10 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio::time::Instant;
 
 use crate::config::Flow;
+use crate::oauth::AccessToken;
 use crate::oauth::TokenError;
-use crate::oauth::manager::{Inner, Obtained, Phase, Slot, SlotState};
+use crate::oauth::manager::Inner;
+use crate::oauth::slot::{Obtained, Phase, Slot, SlotState};
 use crate::oauth::status::StatusFile;
 use crate::store::unix_now;
 
@@ -34,7 +36,7 @@ pub(super) async fn run(inner: Arc<Inner>) {
     loop {
         let now = Instant::now();
         let mut next = now + STORE_POLL;
-        for slot in &inner.slots {
+        for slot in &inner.slots() {
             let start = {
                 let mut st = slot.lock();
                 match due(&inner, slot, &st, now) {
@@ -88,8 +90,13 @@ fn due(inner: &Inner, slot: &Slot, st: &SlotState, now: Instant) -> Option<Insta
     }
 }
 
-/// Records an attempt's outcome in the slot, then logs it and wakes the task.
-pub(super) fn finish(inner: &Inner, slot: &Slot, result: Result<Obtained, TokenError>) {
+/// Records an attempt's outcome in the slot, then logs it and wakes the task. Returns the
+/// outcome as sessions see it (for the metrics).
+pub(super) fn finish(
+    inner: &Inner,
+    slot: &Slot,
+    result: Result<Obtained, TokenError>,
+) -> Result<AccessToken, TokenError> {
     let name = &slot.identity.name;
     let now = Instant::now();
     let event = {
@@ -99,7 +106,7 @@ pub(super) fn finish(inner: &Inner, slot: &Slot, result: Result<Obtained, TokenE
         let before = st.phase;
         match result {
             Ok(obtained) => {
-                inner.record_success(&mut st, obtained, now);
+                st.record_success(obtained, now, &inner.settings);
                 let left = st
                     .token
                     .as_ref()
@@ -137,9 +144,18 @@ pub(super) fn finish(inner: &Inner, slot: &Slot, result: Result<Obtained, TokenE
             }
         }
     };
+    let outcome = {
+        let st = slot.lock();
+        match (&st.token, &st.last_error) {
+            (_, Some(error)) => Err(error.clone()),
+            (Some(held), None) => Ok(held.token.clone()),
+            (None, None) => Err(TokenError::transient("no token was obtained")),
+        }
+    };
     inner.status_dirty.store(true, Ordering::Release);
     inner.wake.notify_one();
     event.log(name, inner.settings.notify_command.as_deref());
+    outcome
 }
 
 enum Event {
@@ -262,7 +278,7 @@ fn run_notify(argv: &[String], identity: &str, reason: &str) {
 }
 
 fn write_status(inner: &Inner) {
-    let Some(store) = &inner.store else {
+    let Some(store) = inner.store.as_ref().filter(|_| !inner.probe) else {
         return;
     };
     let file = StatusFile {

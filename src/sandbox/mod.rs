@@ -151,6 +151,9 @@ where
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) if tasks.len() < MAX_CONNECTIONS => {
+                        // Replies go out in several writes; without this, Nagle's algorithm
+                        // and delayed ACKs add 40 ms stalls that real servers do not have.
+                        let _ = stream.set_nodelay(true);
                         tasks.spawn(serve(stream, peer));
                     }
                     Ok((_, peer)) => {

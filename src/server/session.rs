@@ -16,7 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::config::Account;
 use crate::io::Stream;
 use crate::oauth::{AccessToken, TokenError};
-use crate::server::Shared;
+use crate::ops::metrics::AuthFailure;
+use crate::server::{Lifecycle, Shared};
 use crate::smtp::sasl::{self, SaslError};
 use crate::smtp::{DataFramer, Feed, LineStatus, Reply, find_line};
 use crate::upstream::{Phase, Target, Upstream, UpstreamError};
@@ -40,6 +41,8 @@ enum End {
     ClientIo(#[from] std::io::Error),
     #[error("session closed after QUIT or a fatal reply")]
     Done,
+    #[error("the bridge is shutting down")]
+    ShuttingDown,
 }
 
 /// Per-connection state.
@@ -61,6 +64,9 @@ pub struct Session {
     token: Option<AccessToken>,
     transaction: Option<Transaction>,
     errors: u32,
+    /// A 421 was relayed: the session ends after this command (RFC 5321 section 3.8).
+    closing: bool,
+    lifecycle: tokio::sync::watch::Receiver<Lifecycle>,
 }
 
 #[derive(Default)]
@@ -71,7 +77,6 @@ struct Transaction {
 impl Session {
     pub fn new(shared: Arc<Shared>, stream: Stream) -> Session {
         Session {
-            shared,
             stream,
             inbuf: Vec::with_capacity(READ_CHUNK),
             pos: 0,
@@ -84,6 +89,9 @@ impl Session {
             token: None,
             transaction: None,
             errors: 0,
+            closing: false,
+            lifecycle: shared.lifecycle.clone(),
+            shared,
         }
     }
 
@@ -111,13 +119,21 @@ impl Session {
     async fn serve(&mut self) -> Result<(), End> {
         loop {
             let line = match self.read_line(COMMAND_LINE_LIMIT, AUTH_LINE_LIMIT).await? {
-                Some(line) => line,
-                None => {
+                Line::Complete(line) => line,
+                Line::TooLong { auth: true } => {
+                    self.error_reply(500, "5.5.6", "Authentication exchange line is too long")?;
+                    continue;
+                }
+                Line::TooLong { auth: false } => {
                     self.error_reply(500, "5.5.2", "Line too long")?;
                     continue;
                 }
             };
             self.command(&line).await?;
+            if self.closing {
+                // The provider said 421 and closed; the client hears the same and goes.
+                return Err(End::Done);
+            }
         }
     }
 
@@ -132,6 +148,9 @@ impl Session {
             Err(e) => return self.parse_error(e, line),
         };
         tracing::debug!(command = request.name(), "command");
+        if !matches!(request, Request::Quit) && self.refusing_new_work() {
+            return self.shutting_down();
+        }
         match request {
             Request::Ehlo { host } => self.ehlo(&host),
             Request::Helo { host } => self.helo(&host),
@@ -268,12 +287,17 @@ impl Session {
         let config = &self.shared.config;
         let found = config.find_account(&username);
         let index = found.as_ref().map(|(i, _)| *i);
-        let hash = index.map(|i| config.accounts[i].password_hash.clone());
-        if !crate::users::verify(password, hash).await {
+        let hash = index.map(|i| config.accounts[i].password_hash.as_str());
+        let verified = self
+            .shared
+            .verifier
+            .verify(&username.to_ascii_lowercase(), password, hash)
+            .await;
+        if !verified {
             tracing::info!(username = %printable(&username), "local authentication failed");
-            self.errors += 1;
-            self.reply(535, "5.7.8", "Authentication credentials invalid");
-            return Ok(());
+            self.shared.metrics.auth_failed(AuthFailure::BadCredentials);
+            // Counted like any other client error, so one connection cannot guess forever.
+            return self.error_reply(535, "5.7.8", "Authentication credentials invalid");
         }
         let Some((index, mailbox)) = found else {
             unreachable!("verify() never accepts an unknown user");
@@ -286,6 +310,7 @@ impl Session {
         match self.open_upstream(index).await {
             Ok(()) => {
                 self.account = Some(index);
+                self.shared.metrics.auth_succeeded();
                 self.reply(235, "2.7.0", "Authentication successful");
             }
             Err(reply) => reply.write_to(&mut self.outbuf),
@@ -365,11 +390,11 @@ impl Session {
     /// Reads one line of an AUTH exchange; `None` when the client cancelled or the line was
     /// too long (the reply is already queued).
     async fn auth_line(&mut self) -> Result<Option<SecretString>, End> {
-        let Some(line) = self.read_line(AUTH_LINE_LIMIT, AUTH_LINE_LIMIT).await? else {
+        let Line::Complete(line) = self.read_line(AUTH_LINE_LIMIT, AUTH_LINE_LIMIT).await? else {
             self.error_reply(500, "5.5.6", "Authentication exchange line is too long")?;
             return Ok(None);
         };
-        let mut line = zeroize::Zeroizing::new(line);
+        let line = zeroize::Zeroizing::new(line);
         if sasl::is_cancel(&line) {
             self.reply(501, "5.7.0", "Authentication cancelled");
             return Ok(None);
@@ -378,7 +403,7 @@ impl Session {
         match std::str::from_utf8(text) {
             Ok(t) => Ok(Some(SecretString::from(t.to_owned()))),
             Err(_) => {
-                line.iter_mut().for_each(|b| *b = 0);
+                // Base64 is ASCII; anything else on the line is not a valid response.
                 self.sasl_error(SaslError::InvalidBase64);
                 Ok(None)
             }
@@ -387,6 +412,7 @@ impl Session {
 
     fn sasl_error(&mut self, e: SaslError) {
         self.errors += 1;
+        self.shared.metrics.auth_failed(AuthFailure::Malformed);
         match e {
             SaslError::AuthzidMismatch => self.reply(
                 535,
@@ -394,9 +420,8 @@ impl Session {
                 "Authentication credentials invalid (authorization identity must match the username)",
             ),
             SaslError::EmptyUsername => self.reply(535, "5.7.8", "Authentication credentials invalid (empty username)"),
-            SaslError::InvalidBase64 | SaslError::NotUtf8 => {
-                self.reply(501, "5.5.2", "Cannot decode base64 response")
-            }
+            SaslError::InvalidBase64 => self.reply(501, "5.5.2", "Cannot decode base64 response"),
+            SaslError::NotUtf8 => self.reply(501, "5.5.2", "Credentials must be UTF-8 text"),
             SaslError::Malformed => self.reply(501, "5.5.2", "Malformed authentication response"),
             SaslError::TooLong => self.reply(500, "5.5.6", "Authentication exchange line is too long"),
         }
@@ -409,12 +434,18 @@ impl Session {
         let account = &shared.config.accounts[index];
         let mut token = match shared.tokens.token(&account.identity).await {
             Ok(token) => token,
-            Err(e) => return Err(token_error_reply(&e)),
+            Err(e) => return Err(token_error_reply(&shared, &e)),
         };
         let mut refreshed = false;
         loop {
-            match Upstream::connect(&self.target(account), &token).await {
+            let started = tokio::time::Instant::now();
+            let connected = Upstream::connect(&self.target(account), &token).await;
+            shared
+                .metrics
+                .upstream_latency("connect", started.elapsed());
+            match connected {
                 Ok(upstream) => {
+                    shared.metrics.upstream_ok(&account.name);
                     tracing::debug!(upstream = %account.upstream.host, "upstream authenticated");
                     self.upstream = Some(upstream);
                     self.token = Some(token);
@@ -434,11 +465,15 @@ impl Session {
                         refreshed = true;
                         token = match shared.tokens.replace(&account.identity, &token).await {
                             Ok(t) => t,
-                            Err(e) => return Err(token_error_reply(&e)),
+                            Err(e) => return Err(token_error_reply(&shared, &e)),
                         };
                         continue;
                     }
-                    tracing::warn!(account = %account.name, error = %e, "cannot open the upstream session");
+                    tracing::warn!(account = %account.name, error = %e, fix = e.reply().and_then(crate::hints::fix_for_reply), "cannot open the upstream session");
+                    shared
+                        .metrics
+                        .upstream_failed(&account.name, &e.to_string());
+                    shared.metrics.auth_failed(AuthFailure::Upstream);
                     return Err(upstream_auth_reply(&e));
                 }
             }
@@ -490,7 +525,12 @@ impl Session {
                 return Ok(());
             }
             let upstream = self.upstream.as_mut().expect("opened above");
-            match upstream.command(&line).await {
+            let started = tokio::time::Instant::now();
+            let result = upstream.command(&line).await;
+            self.shared
+                .metrics
+                .upstream_latency("command", started.elapsed());
+            match result {
                 Ok(reply) => break reply,
                 Err(e) if attempts == 1 => {
                     tracing::debug!(error = %e, "upstream connection unusable; reconnecting");
@@ -573,7 +613,7 @@ impl Session {
                 if let Err(e) = self.fill().await {
                     self.upstream = None;
                     self.transaction = None;
-                    tracing::info!(error = %e, "client gone during DATA; message discarded");
+                    tracing::debug!(error = %e, "client gone during DATA; message discarded");
                     return Err(e);
                 }
             }
@@ -604,7 +644,10 @@ impl Session {
                 break;
             }
         }
-        self.transaction = None;
+        let recipients = self
+            .transaction
+            .take()
+            .map_or(0, |tx| tx.accepted_recipients);
 
         let size = framer.bytes_out();
         if framer.normalised_line_ends() > 0 {
@@ -616,6 +659,11 @@ impl Session {
         if too_big {
             // The provider has part of the message; closing without the final dot makes it
             // discard that part.
+            tracing::info!(
+                size,
+                limit = max_size,
+                "message over the size limit refused"
+            );
             self.upstream = None;
             self.reply(
                 552,
@@ -642,15 +690,21 @@ impl Session {
             );
             return Ok(());
         };
-        match upstream.finish_data().await {
+        let started = tokio::time::Instant::now();
+        let verdict = upstream.finish_data().await;
+        self.shared
+            .metrics
+            .upstream_latency("end_of_data", started.elapsed());
+        match verdict {
             Ok(reply) => {
                 let account = self
                     .account
-                    .map(|i| self.shared.config.accounts[i].name.as_str());
+                    .map_or("-", |i| self.shared.config.accounts[i].name.as_str());
                 if reply.is_positive_completion() {
-                    tracing::info!(account = account.unwrap_or("-"), size, reply = %reply.text(), "message relayed");
+                    self.shared.metrics.message_relayed(account, size);
+                    tracing::info!(account, size, recipients, code = reply.code(), reply = %reply.text(), "message relayed");
                 } else {
-                    tracing::warn!(account = account.unwrap_or("-"), size, code = reply.code(), reply = %reply.text(), "provider refused the message");
+                    tracing::warn!(account, size, recipients, code = reply.code(), reply = %reply.text(), fix = crate::hints::fix_for_reply(&reply), "provider refused the message");
                 }
                 if reply.code() == 421 {
                     self.upstream = None;
@@ -683,6 +737,7 @@ impl Session {
     /// Sends a transaction command upstream; on a lost connection the client gets 451 and the
     /// transaction is over. `None` means a reply is already queued.
     async fn upstream_command(&mut self, line: &[u8]) -> Option<Reply> {
+        let started = tokio::time::Instant::now();
         let result = match self.upstream.as_mut() {
             Some(upstream) => upstream.command(line).await,
             None => {
@@ -695,6 +750,9 @@ impl Session {
                 return None;
             }
         };
+        self.shared
+            .metrics
+            .upstream_latency("command", started.elapsed());
         match result {
             Ok(reply) => {
                 if reply.code() == 421 {
@@ -725,8 +783,15 @@ impl Session {
         }
     }
 
-    /// Queues the provider's reply for the client exactly as received.
+    /// Queues the provider's reply for the client exactly as received. A 421 means the
+    /// provider is closing: the upstream connection is gone and the client is told the same.
     fn relay(&mut self, reply: Reply) {
+        self.shared.metrics.upstream_reply(&reply);
+        if reply.code() == 421 {
+            self.upstream = None;
+            self.transaction = None;
+            self.closing = true;
+        }
         reply.write_to(&mut self.outbuf);
     }
 
@@ -782,10 +847,29 @@ impl Session {
             self.inbuf.drain(..self.pos);
             self.pos = 0;
         }
+        if self.refusing_new_work() {
+            return self.shutting_down();
+        }
         let idle = self.shared.config.timeouts.client_idle;
         let start = self.inbuf.len();
         self.inbuf.resize(start + READ_CHUNK, 0);
-        let read = tokio::time::timeout(idle, self.stream.read(&mut self.inbuf[start..])).await;
+        let read = {
+            // A drain or stop that begins while the client is quiet must not wait for it.
+            let (stream, buf, lifecycle) = (
+                &mut self.stream,
+                &mut self.inbuf[start..],
+                &mut self.lifecycle,
+            );
+            let in_transaction = self.transaction.is_some();
+            tokio::select! {
+                read = tokio::time::timeout(idle, stream.read(buf)) => Some(read),
+                _ = wait_for_stop(lifecycle, in_transaction) => None,
+            }
+        };
+        let Some(read) = read else {
+            self.inbuf.truncate(start);
+            return self.shutting_down();
+        };
         let n = match read {
             Err(_) => {
                 self.inbuf.truncate(start);
@@ -806,24 +890,51 @@ impl Session {
         Ok(())
     }
 
+    /// While draining, a session may finish its transaction but starts nothing new; once the
+    /// grace period is over it stops whatever it is doing.
+    fn refusing_new_work(&self) -> bool {
+        match *self.lifecycle.borrow() {
+            Lifecycle::Serving => false,
+            Lifecycle::Draining => self.transaction.is_none(),
+            Lifecycle::Stopping => true,
+        }
+    }
+
+    /// Tells the client the bridge is going away (RFC 5321 allows 421 at any time) and ends
+    /// the session. During DATA this drops the upstream without the final dot, so the provider
+    /// discards the partial message and the client, seeing 421, sends it again later.
+    fn shutting_down(&mut self) -> Result<(), End> {
+        self.upstream_abandon_transaction();
+        self.reply(421, "4.3.2", "Service shutting down, try again later");
+        Err(End::ShuttingDown)
+    }
+
+    fn upstream_abandon_transaction(&mut self) {
+        if self.transaction.take().is_some() {
+            self.upstream = None;
+        }
+    }
+
     /// The next line (with its line end), or `None` when it was longer than allowed; an
     /// overlong line is read and thrown away in chunks, so memory stays bounded whatever its
     /// length. AUTH command lines may be longer than other commands (initial responses).
-    async fn read_line(&mut self, limit: usize, auth_limit: usize) -> Result<Option<Vec<u8>>, End> {
+    async fn read_line(&mut self, limit: usize, auth_limit: usize) -> Result<Line, End> {
         loop {
             let pending = &self.inbuf[self.pos..];
             match find_line(pending, auth_limit.max(limit)) {
                 LineStatus::Complete(n) => {
                     let line = pending[..n].to_vec();
                     self.pos += n;
-                    if n > limit && !(n <= auth_limit && starts_with_auth(&line)) {
-                        return Ok(None);
+                    let auth = starts_with_auth(&line);
+                    if n > limit && !(n <= auth_limit && auth) {
+                        return Ok(Line::TooLong { auth });
                     }
-                    return Ok(Some(line));
+                    return Ok(Line::Complete(line));
                 }
                 LineStatus::TooLong => {
+                    let auth = starts_with_auth(pending);
                     self.discard_line().await?;
-                    return Ok(None);
+                    return Ok(Line::TooLong { auth });
                 }
                 LineStatus::Incomplete => self.fill().await?,
             }
@@ -844,6 +955,32 @@ impl Session {
             }
         }
     }
+}
+
+/// Completes when the session must stop waiting for its client: at `Stopping`, or at
+/// `Draining` when no transaction is open. Pending forever otherwise.
+async fn wait_for_stop(
+    lifecycle: &mut tokio::sync::watch::Receiver<Lifecycle>,
+    in_transaction: bool,
+) {
+    let stop = |state: &Lifecycle| match state {
+        Lifecycle::Serving => false,
+        Lifecycle::Draining => !in_transaction,
+        Lifecycle::Stopping => true,
+    };
+    if lifecycle.wait_for(stop).await.is_err() {
+        // The bridge is gone; its drain aborts this session anyway.
+        std::future::pending::<()>().await;
+    }
+}
+
+/// A line read from the client.
+enum Line {
+    Complete(Vec<u8>),
+    /// Over the limit and thrown away; `auth` when it was an AUTH command or response.
+    TooLong {
+        auth: bool,
+    },
 }
 
 fn starts_with_auth(line: &[u8]) -> bool {
@@ -868,7 +1005,8 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
-fn token_error_reply(e: &TokenError) -> Reply {
+fn token_error_reply(shared: &Shared, e: &TokenError) -> Reply {
+    shared.metrics.auth_failed_token(e);
     match e {
         TokenError::Transient { .. } => Reply::new(
             454,

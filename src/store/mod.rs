@@ -40,14 +40,19 @@ pub enum StoreError {
     #[error("store key {path} must be exactly 32 bytes")]
     BadKey { path: String },
     #[error(
-        "the store {path} holds tokens but its key is not here: neither the systemd credential \
-         \"store-key\" (set CREDENTIALS_DIRECTORY to the directory that holds it) nor {path}/store.key"
+        "the store {path} holds tokens but its key is not here: neither the credential \
+         store-key (in $CREDENTIALS_DIRECTORY, or /etc/smtp-oauth-bridge/credentials) nor \
+         {path}/store.key; a new key would make every token unreadable"
     )]
     KeyMissing { path: String },
     #[error("token file {path} cannot be decrypted (wrong store key, or the file was damaged)")]
     Undecryptable { path: String },
     #[error("system random number generator failed")]
     Random,
+    #[error(
+        "no store key: neither the credential store-key nor {path} exists (the bridge creates {path} at its first start)"
+    )]
+    NoKey { path: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -97,6 +102,32 @@ impl Store {
             key: LessSafeKey::new(unbound),
             rng,
         })
+    }
+
+    /// Opens an existing store without creating anything, and says where its key came from.
+    /// For `doctor`, which may run as root beside a service that owns the directory.
+    pub fn open_existing(dir: &Path) -> Result<(Store, PathBuf), StoreError> {
+        let path = match crate::credentials::find(CREDENTIAL_NAME) {
+            Some(path) => path,
+            None if dir.join(KEY_FILE).exists() => dir.join(KEY_FILE),
+            None => {
+                return Err(StoreError::NoKey {
+                    path: dir.join(KEY_FILE).display().to_string(),
+                });
+            }
+        };
+        let key_bytes = read_key(&path)?;
+        let unbound = UnboundKey::new(&CHACHA20_POLY1305, &key_bytes[..]).map_err(|_| {
+            StoreError::BadKey {
+                path: path.display().to_string(),
+            }
+        })?;
+        let store = Store {
+            dir: dir.to_path_buf(),
+            key: LessSafeKey::new(unbound),
+            rng: SystemRandom::new(),
+        };
+        Ok((store, path))
     }
 
     pub fn dir(&self) -> &Path {
@@ -229,8 +260,13 @@ fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> Result<(), Stor
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
+        // Written by root (`login`, `import-token`, `doctor`) into a directory the service
+        // owns, the file must still be readable by the service: give it the directory's
+        // owner. Without privilege this fails harmlessly, and the file is ours anyway.
+        if let Ok(meta) = fs::metadata(dir) {
+            let _ = std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()));
+        }
         file.write_all(bytes)?;
-        match_directory_owner(&tmp, dir);
         if durable {
             file.sync_all()?;
         }
@@ -246,24 +282,9 @@ fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> Result<(), Stor
     result.map_err(io_err(path))
 }
 
-/// An administrator running `login` as root writes into the service's directory; the file
-/// must stay readable by the service, so it takes the directory's owner. Without the right
-/// to change owners this does nothing, and nothing is needed then either.
-fn match_directory_owner(file: &Path, dir: &Path) {
-    let (Ok(file_meta), Ok(dir_meta)) = (fs::metadata(file), fs::metadata(dir)) else {
-        return;
-    };
-    if (file_meta.uid(), file_meta.gid()) != (dir_meta.uid(), dir_meta.gid()) {
-        let _ = std::os::unix::fs::chown(file, Some(dir_meta.uid()), Some(dir_meta.gid()));
-    }
-}
-
 fn load_or_create_key(dir: &Path, rng: &SystemRandom) -> Result<Zeroizing<Vec<u8>>, StoreError> {
-    if let Some(creds) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-        let path = Path::new(&creds).join(CREDENTIAL_NAME);
-        if path.exists() {
-            return read_key(&path);
-        }
+    if let Some(path) = crate::credentials::find(CREDENTIAL_NAME) {
+        return read_key(&path);
     }
     let path = dir.join(KEY_FILE);
     if path.exists() {

@@ -54,6 +54,8 @@ pub struct Options {
     /// `{AUTHORITY}` and `{UPSTREAM}` stand for the fake endpoint's token URL and authority
     /// and for the fake Office365.
     pub config_extra: String,
+    /// Extra lines in the `[server]` table.
+    pub server_extra: String,
     pub token_config: TokenEndpointConfig,
     pub office365: Office365Config,
     /// Refresh token to put in the store before the bridge starts (refresh_token flow).
@@ -77,6 +79,7 @@ impl Default for Options {
             flow: "client_credentials",
             account_extra: String::new(),
             config_extra: String::new(),
+            server_extra: String::new(),
             token_config: TokenEndpointConfig::default(),
             office365: Office365Config::default(),
             import_refresh_token: true,
@@ -150,6 +153,7 @@ impl Stage {
 [server]
 listen = ["127.0.0.1:0"]
 hostname = "bridge.test"
+{server_extra}
 
 [tls]
 {ca_line}
@@ -187,6 +191,7 @@ upstream_tls = "{upstream_tls}"
             tokens_extra = options.tokens_extra,
             account_extra = options.account_extra,
             config_extra = options.config_extra,
+            server_extra = options.server_extra,
         );
         // Extra tables may name the stand-ins through placeholders.
         let toml = toml

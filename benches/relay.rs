@@ -1,0 +1,679 @@
+//! Load benchmark: N concurrent legacy clients × M messages of S bytes through the real
+//! `smtp-oauth-bridge` binary to the fake Office365, and the same load sent directly to the
+//! fake Office365 with XOAUTH2 (the limit the bridge can approach), in one run.
+//!
+//! The fake token endpoint and Office365 run in this process; the bridge runs as its own
+//! process, so its CPU time and peak RSS are read from /proc without the load generator's
+//! share. A relay in front of the fake Office365 can add a fixed one-way delay to every chunk
+//! in both directions, which emulates a WAN round trip (TLS handshakes included).
+//!
+//! Run: `cargo bench --bench relay -- --clients 50 --messages 2000 --size 4096`
+//! Options: --clients N, --messages M (total), --size BYTES, --per-connection K (messages on one
+//! client connection, default 1), --rtt-ms R (emulated round trip to the provider), --pipelining
+//! (client pipelines AUTH+MAIL+RCPT+DATA), --mode both|bridge|direct, --idle N (open N
+//! authenticated idle sessions and report RSS instead of sending).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use smtp_oauth_bridge::sandbox::{
+    ClientRegistration, Office365, Office365Config, SandboxCa, TokenEndpoint, TokenEndpointConfig,
+    TokenRegistry,
+};
+use smtp_oauth_bridge::smtp::{Reply, parse_reply};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const USER: &str = "bench@contoso.com";
+const PASSWORD: &str = "bench-local-password";
+const CLIENT_ID: &str = "bench-client";
+const TENANT: &str = "contoso.onmicrosoft.com";
+
+#[derive(Clone)]
+struct Args {
+    clients: usize,
+    messages: usize,
+    size: usize,
+    per_connection: usize,
+    rtt: Duration,
+    pipelining: bool,
+    mode: String,
+    idle: usize,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        clients: 10,
+        messages: 1000,
+        size: 4096,
+        per_connection: 1,
+        rtt: Duration::ZERO,
+        pipelining: false,
+        mode: "both".into(),
+        idle: 0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_default();
+        match flag.as_str() {
+            "--clients" => a.clients = value().parse().expect("--clients N"),
+            "--messages" => a.messages = value().parse().expect("--messages M"),
+            "--size" => a.size = value().parse().expect("--size BYTES"),
+            "--per-connection" => a.per_connection = value().parse().expect("--per-connection K"),
+            "--rtt-ms" => a.rtt = Duration::from_millis(value().parse().expect("--rtt-ms R")),
+            "--pipelining" => a.pipelining = true,
+            "--mode" => a.mode = value(),
+            "--idle" => a.idle = value().parse().expect("--idle N"),
+            "--bench" => {}
+            other => panic!("unknown option {other}"),
+        }
+    }
+    a.per_connection = a.per_connection.max(1);
+    a
+}
+
+fn main() {
+    let args = parse_args();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run(args));
+}
+
+struct Stage {
+    _dir: tempfile::TempDir,
+    ca: SandboxCa,
+    registry: Arc<TokenRegistry>,
+    /// Kept alive for the bridge's token requests.
+    _token_endpoint: TokenEndpoint,
+    office365: Office365,
+    /// Where SMTP to the provider goes: the fake Office365 itself, or the delay relay.
+    provider: SocketAddr,
+    bridge: Option<BridgeProcess>,
+}
+
+async fn run(args: Args) {
+    let stage = start_stage(&args).await;
+    println!(
+        "# clients={} messages={} size={} per_connection={} rtt_ms={} pipelining={} cpus={}",
+        args.clients,
+        args.messages,
+        args.size,
+        args.per_connection,
+        args.rtt.as_millis(),
+        args.pipelining,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    let bridge = stage.bridge.as_ref().expect("bridge started");
+    if args.idle > 0 {
+        idle_sessions(&args, bridge).await;
+        return;
+    }
+    if args.mode == "both" || args.mode == "direct" {
+        let token = fetch_token(&stage);
+        let report = load(
+            &args,
+            Target::Direct {
+                stage: &stage,
+                token: &token,
+            },
+        )
+        .await;
+        report.print("direct", None);
+    }
+    if args.mode == "both" || args.mode == "bridge" {
+        let before = bridge.cpu_seconds();
+        let report = load(&args, Target::Bridge(bridge.addr)).await;
+        let cpu = bridge.cpu_seconds() - before;
+        report.print("bridge", Some((cpu, bridge.peak_rss_kib())));
+    }
+    let stored = stage.office365.messages().len();
+    println!("# fake Office365 kept {stored} messages in memory (bounded)");
+}
+
+async fn start_stage(args: &Args) -> Stage {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = SandboxCa::generate().unwrap();
+    let tls = ca.server_config(&["localhost", "127.0.0.1"]).unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.ca_pem()).unwrap();
+    let secret = format!("bench-{}", std::process::id());
+    let registry = Arc::new(TokenRegistry::new());
+    let token_endpoint = TokenEndpoint::start(
+        tls.clone(),
+        registry.clone(),
+        TokenEndpointConfig {
+            clients: vec![ClientRegistration::new(CLIENT_ID, &secret)],
+            ..TokenEndpointConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let office365 = Office365::start(tls, registry.clone(), Office365Config::default())
+        .await
+        .unwrap();
+    let provider = if args.rtt.is_zero() {
+        office365.addr()
+    } else {
+        delay_relay(office365.addr(), args.rtt / 2).await
+    };
+    let bridge = BridgeProcess::start(
+        dir.path(),
+        &ca_file,
+        &token_endpoint.token_url(TENANT),
+        &secret,
+        provider,
+    )
+    .await;
+    Stage {
+        _dir: dir,
+        ca,
+        registry,
+        _token_endpoint: token_endpoint,
+        office365,
+        provider,
+        bridge: Some(bridge),
+    }
+}
+
+/// The bridge binary as its own process, so /proc accounts for it alone.
+struct BridgeProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl BridgeProcess {
+    async fn start(
+        dir: &Path,
+        ca_file: &Path,
+        token_url: &str,
+        secret: &str,
+        provider: SocketAddr,
+    ) -> BridgeProcess {
+        let hash = smtp_oauth_bridge::users::hash_password(PASSWORD).unwrap();
+        let config = dir.join("proxy.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = [\"127.0.0.1:0\"]\nmax_errors = 1000\n\
+                 [tls]\nextra_ca_file = \"{}\"\n[store]\ndirectory = \"{}\"\n[log]\nlevel = \"info\"\n\
+                 [[accounts]]\nname = \"bench\"\nusername = \"{USER}\"\npassword_hash = \"{hash}\"\n\
+                 tenant = \"{TENANT}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{secret}\"\n\
+                 token_url = \"{token_url}\"\nupstream = \"{provider}\"\n",
+                ca_file.display(),
+                dir.join("state").display()
+            ),
+        )
+        .unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_smtp-oauth-bridge"))
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the bridge binary");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut sent = false;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if !sent
+                    && line.contains("listening for SMTP clients")
+                    && let Some(addr) = line.split("address=").nth(1)
+                {
+                    let addr = addr.split_whitespace().next().unwrap_or("").to_string();
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
+                if line.contains("ERROR") || line.contains("panicked") {
+                    eprintln!("bridge: {line}");
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("bridge did not start")
+            .parse()
+            .unwrap();
+        BridgeProcess { child, addr }
+    }
+
+    /// utime + stime of the bridge process, in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the command name, which is in parentheses and may contain spaces.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        ticks / 100.0
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        status_field(self.child.id(), "VmHWM:")
+    }
+
+    fn rss_kib(&self) -> u64 {
+        status_field(self.child.id(), "VmRSS:")
+    }
+}
+
+impl Drop for BridgeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status_field(pid: u32, name: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+enum Target<'a> {
+    Bridge(SocketAddr),
+    Direct { stage: &'a Stage, token: &'a str },
+}
+
+struct Report {
+    messages: usize,
+    errors: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Report {
+    fn print(&self, name: &str, process: Option<(f64, u64)>) {
+        let mut l = self.latencies.clone();
+        l.sort();
+        let pct = |p: f64| {
+            l.get(((l.len() as f64 - 1.0) * p).round() as usize)
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .unwrap_or(f64::NAN)
+        };
+        let rate = self.messages as f64 / self.elapsed.as_secs_f64();
+        print!(
+            "{name:>6}: {} msgs, {} errors, {:.2} s, {rate:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms",
+            self.messages,
+            self.errors,
+            self.elapsed.as_secs_f64(),
+            pct(0.5),
+            pct(0.99)
+        );
+        if let Some((cpu, rss)) = process {
+            let per_1000 = cpu / self.messages.max(1) as f64 * 1000.0;
+            print!(
+                ", bridge CPU {cpu:.2} s ({per_1000:.3} s per 1000 msgs), peak RSS {:.1} MiB",
+                rss as f64 / 1024.0
+            );
+        }
+        println!();
+    }
+}
+
+async fn load(args: &Args, target: Target<'_>) -> Report {
+    let body = message_body(args.size);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    let direct = match &target {
+        Target::Direct { stage, token } => {
+            Some((stage.provider, connector(&stage.ca), xoauth2(USER, token)))
+        }
+        Target::Bridge(_) => None,
+    };
+    let bridge_addr = match &target {
+        Target::Bridge(addr) => Some(*addr),
+        Target::Direct { .. } => None,
+    };
+    for _ in 0..args.clients {
+        let next = next.clone();
+        let body = body.clone();
+        let args = args.clone();
+        let direct = direct.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0;
+            'connections: while next.load(Ordering::Relaxed) < args.messages {
+                let mut conn = match (&direct, bridge_addr) {
+                    (Some((addr, tls, auth)), _) => match Conn::direct(*addr, tls, auth).await {
+                        Ok(c) => c,
+                        Err(why) => {
+                            // A connection that cannot be set up uses up its message, so a
+                            // broken setup ends the run instead of spinning.
+                            eprintln!("direct connection failed: {why}");
+                            next.fetch_add(1, Ordering::Relaxed);
+                            errors += 1;
+                            continue;
+                        }
+                    },
+                    (None, Some(addr)) => Conn::plain(addr).await,
+                    _ => unreachable!(),
+                };
+                let mut first = true;
+                for _ in 0..args.per_connection {
+                    if next.fetch_add(1, Ordering::Relaxed) >= args.messages {
+                        break 'connections;
+                    }
+                    let t = Instant::now();
+                    let ok = if bridge_addr.is_some() && first {
+                        conn.bridge_login_and_send(&body, args.pipelining).await
+                    } else {
+                        conn.send(&body).await
+                    };
+                    first = false;
+                    if ok {
+                        latencies.push(t.elapsed());
+                    } else {
+                        errors += 1;
+                        continue 'connections;
+                    }
+                }
+                conn.quit().await;
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.unwrap();
+        latencies.extend(l);
+        errors += e;
+    }
+    Report {
+        messages: latencies.len(),
+        errors,
+        elapsed: started.elapsed(),
+        latencies,
+    }
+}
+
+fn message_body(size: usize) -> Arc<Vec<u8>> {
+    let mut body =
+        b"From: bench@contoso.com\r\nTo: sink@contoso.com\r\nSubject: bench\r\n\r\n".to_vec();
+    let line =
+        b"The quick brown fox jumps over the lazy dog 0123456789 abcdefghijklmnopqrstuvwxyz\r\n";
+    while body.len() + line.len() <= size.max(body.len() + line.len()) {
+        body.extend_from_slice(line);
+        if body.len() >= size {
+            break;
+        }
+    }
+    Arc::new(body)
+}
+
+fn connector(ca: &SandboxCa) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.ca_der()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+fn xoauth2(user: &str, token: &str) -> String {
+    base64::engine::general_purpose::STANDARD
+        .encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"))
+}
+
+/// The direct path's token: issued once by the fake Entra's registry, the way a client with
+/// a token cache would hold one; the bridge obtains its own over HTTPS.
+fn fetch_token(stage: &Stage) -> String {
+    stage
+        .registry
+        .issue(
+            CLIENT_ID,
+            None,
+            "https://outlook.office365.com/.default",
+            Duration::from_secs(3600),
+        )
+        .access_token
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+struct Conn {
+    stream: Box<dyn Io>,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn plain(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let mut c = Conn {
+            stream: Box::new(stream),
+            buf: Vec::with_capacity(4096),
+        };
+        c.reply().await;
+        c
+    }
+
+    async fn direct(
+        addr: SocketAddr,
+        tls: &tokio_rustls::TlsConnector,
+        auth: &str,
+    ) -> Result<Conn, &'static str> {
+        let mut tcp = TcpStream::connect(addr).await.map_err(|_| "connect")?;
+        tcp.set_nodelay(true).unwrap();
+        // Greeting, EHLO and STARTTLS in clear; each reply fits one read on loopback, and the
+        // server sends nothing after its 220 to STARTTLS.
+        let mut chunk = [0u8; 4096];
+        for line in [&b""[..], b"EHLO bench\r\n", b"STARTTLS\r\n"] {
+            tcp.write_all(line).await.map_err(|_| "write")?;
+            let mut got = Vec::new();
+            loop {
+                let n = tcp.read(&mut chunk).await.map_err(|_| "read")?;
+                if n == 0 {
+                    return Err("closed before TLS");
+                }
+                got.extend_from_slice(&chunk[..n]);
+                if let Ok(Some(_)) = parse_reply(&got) {
+                    break;
+                }
+            }
+        }
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = tls.connect(name, tcp).await.map_err(|_| "TLS handshake")?;
+        let mut c = Conn {
+            stream: Box::new(tls),
+            buf: Vec::new(),
+        };
+        c.cmd(b"EHLO bench\r\n").await;
+        if c.cmd(b"AUTH XOAUTH2\r\n").await.code() != 334 {
+            return Err("AUTH XOAUTH2 refused");
+        }
+        if c.cmd(format!("{auth}\r\n").as_bytes()).await.code() != 235 {
+            return Err("token refused");
+        }
+        Ok(c)
+    }
+
+    async fn reply(&mut self) -> Reply {
+        loop {
+            if let Ok(Some((reply, used))) = parse_reply(&self.buf) {
+                self.buf.drain(..used);
+                return reply;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                return Reply::new(421, "closed");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    async fn cmd(&mut self, line: &[u8]) -> Reply {
+        if self.stream.write_all(line).await.is_err() {
+            return Reply::new(421, "closed");
+        }
+        self.reply().await
+    }
+
+    /// EHLO, AUTH PLAIN, then one message; with `pipelining` everything up to DATA goes in
+    /// one write, as a pipelining client sends it.
+    async fn bridge_login_and_send(&mut self, body: &[u8], pipelining: bool) -> bool {
+        let auth =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{USER}\0{PASSWORD}"));
+        if pipelining {
+            let _ = self.cmd(b"EHLO bench\r\n").await;
+            let batch = format!(
+                "AUTH PLAIN {auth}\r\nMAIL FROM:<{USER}>\r\nRCPT TO:<sink@contoso.com>\r\nDATA\r\n"
+            );
+            if self.stream.write_all(batch.as_bytes()).await.is_err() {
+                return false;
+            }
+            for expected in [235, 250, 250, 354] {
+                if self.reply().await.code() != expected {
+                    return false;
+                }
+            }
+            return self.data(body).await;
+        }
+        if self.cmd(b"EHLO bench\r\n").await.code() != 250 {
+            return false;
+        }
+        if self
+            .cmd(format!("AUTH PLAIN {auth}\r\n").as_bytes())
+            .await
+            .code()
+            != 235
+        {
+            return false;
+        }
+        self.send(body).await
+    }
+
+    async fn send(&mut self, body: &[u8]) -> bool {
+        if self
+            .cmd(format!("MAIL FROM:<{USER}>\r\n").as_bytes())
+            .await
+            .code()
+            != 250
+        {
+            return false;
+        }
+        if self.cmd(b"RCPT TO:<sink@contoso.com>\r\n").await.code() != 250 {
+            return false;
+        }
+        if self.cmd(b"DATA\r\n").await.code() != 354 {
+            return false;
+        }
+        self.data(body).await
+    }
+
+    async fn data(&mut self, body: &[u8]) -> bool {
+        if self.stream.write_all(body).await.is_err() {
+            return false;
+        }
+        self.cmd(b".\r\n").await.code() == 250
+    }
+
+    /// Says goodbye without waiting long: the benchmark measures messages, not farewells.
+    async fn quit(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.cmd(b"QUIT\r\n")).await;
+    }
+}
+
+/// Opens `args.idle` authenticated sessions that stay open, then reports the bridge's RSS.
+async fn idle_sessions(args: &Args, bridge: &BridgeProcess) {
+    let before = bridge.rss_kib();
+    let mut conns = Vec::with_capacity(args.idle);
+    let mut failures = 0;
+    for _ in 0..args.idle {
+        let mut c = Conn::plain(bridge.addr).await;
+        let auth =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{USER}\0{PASSWORD}"));
+        c.cmd(b"EHLO bench\r\n").await;
+        if c.cmd(format!("AUTH PLAIN {auth}\r\n").as_bytes())
+            .await
+            .code()
+            != 235
+        {
+            failures += 1;
+        }
+        conns.push(c);
+    }
+    let after = bridge.rss_kib();
+    println!(
+        "  idle: {} authenticated sessions open, {failures} failed, bridge RSS {:.1} MiB (was {:.1} MiB), peak {:.1} MiB",
+        conns.len(),
+        after as f64 / 1024.0,
+        before as f64 / 1024.0,
+        bridge.peak_rss_kib() as f64 / 1024.0
+    );
+}
+
+/// A loopback relay that delivers every chunk `one_way` later in each direction, preserving
+/// order: a WAN round trip without a bandwidth limit.
+async fn delay_relay(target: SocketAddr, one_way: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let _ = inbound.set_nodelay(true);
+            tokio::spawn(async move {
+                let Ok(outbound) = TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = outbound.set_nodelay(true);
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                tokio::join!(delayed_pump(ri, wo, one_way), delayed_pump(ro, wi, one_way));
+            });
+        }
+    });
+    addr
+}
+
+async fn delayed_pump(
+    mut from: impl AsyncRead + Unpin + Send + 'static,
+    mut to: impl AsyncWrite + Unpin + Send + 'static,
+    delay: Duration,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let _ = tx.send((tokio::time::Instant::now() + delay, buf[..n].to_vec()));
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
