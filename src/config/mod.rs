@@ -7,6 +7,7 @@
 //! was expected but never echo the value, because the value may be a secret.
 
 mod account;
+mod credential;
 mod identity;
 mod raw;
 #[cfg(test)]
