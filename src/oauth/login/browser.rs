@@ -366,6 +366,75 @@ fn random_text(bytes: usize) -> Result<String, LoginError> {
 mod tests {
     use super::*;
 
+    fn identity(provider: &str) -> std::sync::Arc<Identity> {
+        let hash = crate::users::hash_password("pw").unwrap();
+        let text = format!(
+            "[[accounts]]\nname = \"x\"\nusername = \"x@example.com\"\npassword_hash = \"{hash}\"\n\
+             provider = \"{provider}\"\nclient_id = \"app\"\nflow = \"refresh_token\"\n\
+             tenant = \"contoso.onmicrosoft.com\"\n"
+        );
+        let text = if provider == "gmail" {
+            text.replace("tenant = \"contoso.onmicrosoft.com\"\n", "")
+        } else {
+            text
+        };
+        let config = crate::config::Config::from_toml_str(&text).unwrap();
+        config.identities[0].clone()
+    }
+
+    fn query(url: &str) -> std::collections::HashMap<String, String> {
+        url::Url::parse(url)
+            .unwrap()
+            .query_pairs()
+            .into_owned()
+            .collect()
+    }
+
+    #[test]
+    fn authorization_urls_ask_each_provider_for_a_refresh_token() {
+        let office = identity("office365");
+        let url = authorization_url(
+            &office,
+            office.oauth.authorize_url.as_deref().unwrap(),
+            "http://localhost:8400/",
+            "challenge",
+            "state",
+            Some("x@example.com"),
+        )
+        .unwrap();
+        let q = query(&url);
+        assert!(url.starts_with(
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/authorize?"
+        ));
+        assert_eq!(
+            q["scope"],
+            "https://outlook.office.com/SMTP.Send offline_access"
+        );
+        assert_eq!(q["code_challenge_method"], "S256");
+        assert_eq!(q["prompt"], "select_account");
+        assert_eq!(q["login_hint"], "x@example.com");
+
+        let gmail = identity("gmail");
+        let url = authorization_url(
+            &gmail,
+            gmail.oauth.authorize_url.as_deref().unwrap(),
+            "http://localhost:8400/",
+            "challenge",
+            "state",
+            None,
+        )
+        .unwrap();
+        let q = query(&url);
+        assert!(url.starts_with("https://accounts.google.com/o/oauth2/v2/auth?"));
+        assert_eq!(
+            (q["access_type"].as_str(), q["prompt"].as_str()),
+            ("offline", "consent")
+        );
+        assert_eq!(q["scope"], "https://mail.google.com/");
+        assert_eq!(crate::oauth::login::default_method(&gmail), Method::Browser);
+        assert_eq!(crate::oauth::login::default_method(&office), Method::Device);
+    }
+
     #[test]
     fn redirects_are_read_from_addresses_and_targets() {
         let r = Redirect::parse("http://localhost:8400/?code=abc%2Bd&state=s1&session_state=x");
