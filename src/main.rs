@@ -73,12 +73,29 @@ enum Command {
         /// The identity's name, or an account's name or username.
         account: String,
     },
+    /// Make a self-signed certificate (ECDSA P-256) for the bridge's own TLS listeners:
+    /// DIR/bridge.crt and DIR/bridge.key (mode 0600).
+    GenerateCertificate {
+        /// Where to write the files.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// A host name or IP address clients use to reach the bridge (repeatable).
+        /// Default: localhost, 127.0.0.1 and ::1.
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::HashPassword => hash_password(),
+        Command::GenerateCertificate { dir, names, force } => {
+            generate_certificate(&dir, names, force)
+        }
         Command::CheckConfig => match load(&cli.config) {
             Ok(config) => {
                 println!(
@@ -295,6 +312,37 @@ fn hash_password() -> ExitCode {
         }
         Err(e) => {
             eprintln!("smtp-oauth-bridge: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate_certificate(dir: &std::path::Path, mut names: Vec<String>, force: bool) -> ExitCode {
+    if names.is_empty() {
+        names = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    }
+    let generated = match smtp_oauth_bridge::tls::generate_self_signed(&names) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("smtp-oauth-bridge: cannot make a certificate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match smtp_oauth_bridge::tls::write_certificate(dir, &generated, force) {
+        Ok((certificate, key)) => {
+            println!("certificate: {}", certificate.display());
+            println!("private key: {} (mode 0600)", key.display());
+            println!("names: {}", names.join(", "));
+            println!("SHA-256 fingerprint: {}", generated.fingerprint);
+            println!(
+                "In proxy.toml, [tls]: certificate_file = \"{}\" and key_file = \"{}\"",
+                certificate.display(),
+                key.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("smtp-oauth-bridge: cannot write the certificate: {e}");
             ExitCode::FAILURE
         }
     }

@@ -329,6 +329,77 @@ fn a_store_whose_key_is_elsewhere_is_refused_not_rekeyed() {
 }
 
 #[test]
+fn generate_certificate_writes_a_private_key_and_never_overwrites_by_accident() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let out = bridge()
+        .args([
+            "generate-certificate",
+            "--name",
+            "relay.lan.test",
+            "--name",
+            "192.0.2.7",
+            "--dir",
+        ])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("SHA-256 fingerprint:"), "{stdout}");
+    assert!(stdout.contains("relay.lan.test, 192.0.2.7"), "{stdout}");
+    let key = certs.join("bridge.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let key_before = std::fs::read(&key).unwrap();
+    assert!(!stdout.contains("PRIVATE KEY"), "the key is never printed");
+
+    // A second run keeps the existing pair unless told otherwise.
+    let again = bridge()
+        .args(["generate-certificate", "--dir"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    assert_eq!(std::fs::read(&key).unwrap(), key_before);
+
+    // The pair is what check-config expects for a listener beyond loopback.
+    let config = dir.path().join("proxy.toml");
+    let hash = smtp_oauth_bridge::users::hash_password("pw").unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"0.0.0.0:1587\"]\nallow_non_loopback = true\n\
+             [tls]\ncertificate_file = \"{}\"\nkey_file = \"{}\"\n\
+             [[accounts]]\nusername = \"a@contoso.com\"\npassword_hash = \"{hash}\"\n\
+             tenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\nclient_secret = \"s\"\n",
+            certs.join("bridge.crt").display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let out = bridge()
+        .arg("--config")
+        .arg(&config)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn accounts_cannot_come_from_the_environment_and_say_so() {
     let out = bridge()
         .args([

@@ -506,3 +506,78 @@ async fn metrics_and_health_tell_a_monitoring_system_what_happened() {
         .unwrap()
         .unwrap();
 }
+
+/// Implicit-TLS listeners come and go with reloads like plain ones, and the connection limits
+/// change without forgetting the connections already open.
+#[tokio::test]
+async fn a_reload_adds_an_implicit_tls_listener_and_new_limits_apply_to_open_counts() {
+    let fakes = Fakes::start().await;
+    let names = vec!["localhost".to_string()];
+    let generated = smtp_oauth_bridge::tls::generate_self_signed(&names).unwrap();
+    let (crt, key) = smtp_oauth_bridge::tls::write_certificate(
+        &fakes.dir.path().join("certs"),
+        &generated,
+        false,
+    )
+    .unwrap();
+    let config = |implicit: &str, per_source: usize| {
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n{implicit}\nhostname = \"bridge.test\"\n\
+             [limits]\nmax_connections_per_source = {per_source}\n\
+             [tls]\nextra_ca_file = \"{}\"\ncertificate_file = \"{}\"\nkey_file = \"{}\"\n\
+             [store]\ndirectory = \"{}\"\n{}",
+            fakes.dir.path().join("ca.pem").display(),
+            crt.display(),
+            key.display(),
+            fakes.dir.path().join("state").display(),
+            fakes.printer()
+        );
+        Config::from_toml_str(&text).unwrap_or_else(|e| panic!("test config: {e}"))
+    };
+    let bridge = Running::start(config("", 5)).await;
+    let plain = bridge.addrs[0];
+    let (mut open, code) = login(plain, USER).await;
+    assert_eq!(code, 235);
+
+    let summary = bridge
+        .reload(config("listen_implicit_tls = [\"127.0.0.1:0\"]", 1))
+        .await
+        .expect("reload applied");
+    let implicit: SocketAddr = summary
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|a| a.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no new listener in {summary:?}"));
+    // The session opened before the reload still holds this address's only slot now.
+    let mut tcp = tokio::net::TcpStream::connect(implicit).await.unwrap();
+    let mut refused = String::new();
+    tcp.read_to_string(&mut refused).await.unwrap();
+    assert!(
+        refused.starts_with("421 4.7.0 Too many connections from your address"),
+        "{refused}"
+    );
+    assert_eq!(open.cmd("QUIT").await.code(), 221);
+    drop(open);
+
+    let mut tls = None;
+    for _ in 0..50 {
+        let tcp = tokio::net::TcpStream::connect(implicit).await.unwrap();
+        if let Ok(stream) = common::tls_connect(tcp, &generated.certificate_pem).await {
+            tls = Some(stream);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut tls = tls.expect("a slot comes back once the first session ended");
+    let mut greeting = [0u8; 3];
+    tls.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(&greeting, b"220");
+    tls.write_all(b"QUIT\r\n").await.unwrap();
+
+    bridge.shutdown().await;
+    tokio::time::timeout(Duration::from_secs(10), bridge.done)
+        .await
+        .unwrap()
+        .unwrap();
+}

@@ -9,6 +9,7 @@
 use std::fmt;
 
 use crate::config::identity::{Flow, Identity, Provider, UpstreamSettings};
+use crate::config::policy::{AccountPolicy, check_account_policy};
 use crate::config::raw::RawAccount;
 use crate::config::{ConfigError, err};
 
@@ -28,6 +29,8 @@ pub struct Account {
     /// The identity's provider and upstream, copied here for the session.
     pub provider: Provider,
     pub upstream: UpstreamSettings,
+    /// Which senders it may use, and which networks may send as it without logging in.
+    pub policy: AccountPolicy,
 }
 
 impl Account {
@@ -60,6 +63,7 @@ impl fmt::Debug for Account {
             .field("identity", &self.identity)
             .field("provider", &self.provider)
             .field("upstream", &self.upstream)
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }
@@ -146,6 +150,19 @@ pub(super) fn check_account(
         return Err(err(key("mailbox"), "must be an e-mail address"));
     }
 
+    let policy = check_account_policy(
+        &key,
+        raw.allowed_senders.take(),
+        raw.check_from_header.take(),
+        raw.no_auth_sources.take(),
+    )?;
+    if pattern && !policy.no_auth_sources.is_empty() {
+        return Err(err(
+            key("no_auth_sources"),
+            "a \"*@domain\" account has no single mailbox to send as without a login",
+        ));
+    }
+
     let (identity_name, inline) = match raw.identity.take() {
         Some(identity) => {
             if let Some(first) = oauth.given_keys().first() {
@@ -173,6 +190,7 @@ pub(super) fn check_account(
             password_hash,
             mailbox,
             identity: identity_name,
+            policy,
         },
         inline,
     ))
@@ -186,6 +204,7 @@ pub(super) struct PendingAccount {
     password_hash: String,
     mailbox: Option<String>,
     pub(super) identity: String,
+    policy: AccountPolicy,
 }
 
 impl PendingAccount {
@@ -215,6 +234,7 @@ impl PendingAccount {
             identity: identity.name.clone(),
             provider: identity.provider,
             upstream: identity.upstream.clone(),
+            policy: self.policy,
         })
     }
 }
@@ -248,6 +268,7 @@ mod tests {
                 port: 587,
                 tls: crate::config::UpstreamTls::Starttls,
             },
+            policy: AccountPolicy::default(),
         }
     }
 

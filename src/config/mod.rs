@@ -9,7 +9,9 @@
 mod account;
 mod credential;
 mod identity;
+mod policy;
 mod raw;
+mod server;
 #[cfg(test)]
 mod tests;
 
@@ -29,7 +31,9 @@ pub use identity::{
     AssertionAlgorithm, CertificateCredential, ClientCredential, Flow, Identity, OAuthSettings,
     Provider, Thumbprint, UpstreamSettings, UpstreamTls,
 };
-use raw::{RawConfig, RawServer, RawTimeouts, RawTokens};
+pub use policy::{AccountPolicy, SenderPattern, canonical as canonical_ip};
+use raw::{RawConfig, RawTokens};
+pub use server::{Limits, LocalTls, PlaintextAuth, ServerSettings, Timeouts, is_loopback};
 
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/smtp-oauth-bridge/proxy.toml";
@@ -71,9 +75,12 @@ fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 pub struct Config {
     pub server: ServerSettings,
     pub timeouts: Timeouts,
+    pub limits: Limits,
     pub tokens: TokenSettings,
     /// Extra CA certificates trusted for the upstream and the token endpoint.
     pub extra_ca_file: Option<PathBuf>,
+    /// The bridge's own certificate, for STARTTLS and implicit-TLS listeners.
+    pub local_tls: Option<LocalTls>,
     pub store: StoreSettings,
     pub sandbox: Option<SandboxSettings>,
     pub log: LogSettings,
@@ -88,47 +95,6 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
     /// Consecutive failed upstream sessions of one account after which `/healthz` says 503.
     pub upstream_failures_unhealthy: u32,
-}
-
-pub struct ServerSettings {
-    pub listen: Vec<SocketAddr>,
-    /// The name in the greeting and the EHLO reply, and the name the bridge gives upstream.
-    pub hostname: String,
-    /// Largest message accepted from clients; advertised in EHLO as SIZE.
-    pub max_message_size: u64,
-    /// Unknown or out-of-place commands tolerated before the connection is closed.
-    pub max_errors: u32,
-}
-
-/// How long each phase may take before the bridge gives up on it.
-#[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
-    /// Waiting for the next command or the next DATA bytes from a client.
-    pub client_idle: Duration,
-    /// TCP connect plus TLS handshake plus greeting, toward the upstream.
-    pub upstream_connect: Duration,
-    /// Each upstream command's reply.
-    pub upstream_command: Duration,
-    /// The upstream's reply after the end of DATA, which can take minutes for large messages.
-    pub upstream_data_end: Duration,
-    /// Each request to the token endpoint.
-    pub token_request: Duration,
-    /// After SIGTERM, how long sessions in flight may take to finish before they are told
-    /// 421 and closed.
-    pub shutdown_grace: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            client_idle: Duration::from_secs(300),
-            upstream_connect: Duration::from_secs(30),
-            upstream_command: Duration::from_secs(120),
-            upstream_data_end: Duration::from_secs(600),
-            token_request: Duration::from_secs(30),
-            shutdown_grace: Duration::from_secs(30),
-        }
-    }
 }
 
 /// How the refresh task keeps tokens fresh.
@@ -265,6 +231,20 @@ impl Config {
         self.accounts.iter().find(|a| a.name == name)
     }
 
+    /// The account whose `no_auth_sources` include `peer`, for clients that cannot log in.
+    pub fn no_auth_account(&self, peer: std::net::IpAddr) -> Option<usize> {
+        self.accounts
+            .iter()
+            .position(|a| a.policy.no_auth_source(peer))
+    }
+
+    /// Whether DSN may be advertised: the bridge answers EHLO before it knows which account
+    /// (and so which provider) a client will use, so it offers DSN only when every configured
+    /// provider supports it (Office365 does; Gmail does not advertise it).
+    pub fn advertise_dsn(&self) -> bool {
+        self.accounts.iter().all(|a| a.provider != Provider::Gmail)
+    }
+
     pub fn identity(&self, name: &str) -> Option<&Arc<Identity>> {
         self.identities.iter().find(|i| i.name == name)
     }
@@ -363,8 +343,9 @@ fn join_key(prefix: &str, field: &str) -> String {
 }
 
 fn check(raw: RawConfig) -> Result<Config, ConfigError> {
-    let server = check_server(raw.server)?;
-    let timeouts = check_timeouts(&raw.timeouts)?;
+    let server_side = server::check_server_side(raw.server, &raw.tls)?;
+    let timeouts = server::check_timeouts(&raw.timeouts)?;
+    let limits = server::check_limits(&raw.limits)?;
     let tokens = check_tokens(raw.tokens)?;
     let sandbox = match raw.sandbox {
         Some(s) if s.enabled => Some(SandboxSettings {
@@ -390,18 +371,17 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         format: raw.log.format.unwrap_or(LogFormat::Text),
     };
     let (identities, accounts) = check_people(raw.identities, raw.accounts, sandbox.is_some())?;
+    let mut server = server_side.server;
+    server.max_message_size = server_side
+        .explicit_max_size
+        .unwrap_or_else(|| provider_size_limit(&accounts));
     Ok(Config {
-        server: ServerSettings {
-            max_message_size: server
-                .max_message_size
-                .unwrap_or_else(|| provider_size_limit(&accounts)),
-            listen: server.listen,
-            hostname: server.hostname,
-            max_errors: server.max_errors,
-        },
+        server,
         timeouts,
+        limits,
         tokens,
         extra_ca_file: raw.tls.extra_ca_file,
+        local_tls: server_side.local_tls,
         store: StoreSettings {
             directory: store_dir,
         },
@@ -529,6 +509,7 @@ fn check_people(
                 "used by two accounts",
             ));
         }
+        policy::check_sources_unique(index, &account, &accounts)?;
         accounts.push(account);
     }
     if accounts.is_empty() {
@@ -538,54 +519,6 @@ fn check_people(
         ));
     }
     Ok((identities.into_iter().map(Arc::new).collect(), accounts))
-}
-
-struct CheckedServer {
-    listen: Vec<SocketAddr>,
-    hostname: String,
-    max_message_size: Option<u64>,
-    max_errors: u32,
-}
-
-fn check_server(raw: RawServer) -> Result<CheckedServer, ConfigError> {
-    let listen_raw = raw
-        .listen
-        .unwrap_or_else(|| vec!["127.0.0.1:1587".into(), "[::1]:1587".into()]);
-    if listen_raw.is_empty() {
-        return Err(err("server.listen", "needs at least one address"));
-    }
-    let mut listen = Vec::new();
-    for (i, text) in listen_raw.iter().enumerate() {
-        let addr: SocketAddr = text.parse().map_err(|_| {
-            err(
-                format!("server.listen[{i}]"),
-                "expected an IP address and port such as \"127.0.0.1:1587\" or \"[::1]:1587\"",
-            )
-        })?;
-        // Until local TLS exists, credentials from clients cross the wire in clear text;
-        // only loopback keeps them on this machine.
-        if !addr.ip().is_loopback() {
-            return Err(err(
-                format!("server.listen[{i}]"),
-                "only loopback addresses (127.0.0.0/8, ::1) are allowed: clients send their \
-                 password in clear text",
-            ));
-        }
-        listen.push(addr);
-    }
-    let hostname = raw.hostname.unwrap_or_else(|| "localhost".into());
-    if hostname.is_empty() || !hostname.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(err("server.hostname", "must be a host name without spaces"));
-    }
-    if raw.max_message_size == Some(0) {
-        return Err(err("server.max_message_size", "must be greater than 0"));
-    }
-    Ok(CheckedServer {
-        listen,
-        hostname,
-        max_message_size: raw.max_message_size,
-        max_errors: raw.max_errors.unwrap_or(10),
-    })
 }
 
 fn seconds(
@@ -603,24 +536,6 @@ fn seconds(
         )),
         Some(s) => Ok(Duration::from_secs(s)),
     }
-}
-
-fn check_timeouts(raw: &RawTimeouts) -> Result<Timeouts, ConfigError> {
-    let d = Timeouts::default();
-    let any = (1, u64::from(u32::MAX));
-    let pick = |key, value, default| seconds("timeouts", key, value, default, any);
-    Ok(Timeouts {
-        client_idle: pick("client_idle", raw.client_idle, d.client_idle)?,
-        upstream_connect: pick("upstream_connect", raw.upstream_connect, d.upstream_connect)?,
-        upstream_command: pick("upstream_command", raw.upstream_command, d.upstream_command)?,
-        upstream_data_end: pick(
-            "upstream_data_end",
-            raw.upstream_data_end,
-            d.upstream_data_end,
-        )?,
-        token_request: pick("token_request", raw.token_request, d.token_request)?,
-        shutdown_grace: pick("shutdown_grace", raw.shutdown_grace, d.shutdown_grace)?,
-    })
 }
 
 fn check_tokens(raw: RawTokens) -> Result<TokenSettings, ConfigError> {

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::config::LogFormat;
 use crate::config::identity::{AssertionAlgorithm, Flow, Provider, Thumbprint, UpstreamTls};
+use crate::config::server::{RawLimits, RawServer, RawTimeouts, RawTls};
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -17,6 +18,8 @@ pub(super) struct RawConfig {
     pub(super) server: RawServer,
     #[serde(default)]
     pub(super) timeouts: RawTimeouts,
+    #[serde(default)]
+    pub(super) limits: RawLimits,
     #[serde(default)]
     pub(super) tokens: RawTokens,
     #[serde(default)]
@@ -42,26 +45,6 @@ pub(super) struct RawAdmin {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawServer {
-    pub(super) listen: Option<Vec<String>>,
-    pub(super) hostname: Option<String>,
-    pub(super) max_message_size: Option<u64>,
-    pub(super) max_errors: Option<u32>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawTimeouts {
-    pub(super) client_idle: Option<u64>,
-    pub(super) upstream_connect: Option<u64>,
-    pub(super) upstream_command: Option<u64>,
-    pub(super) upstream_data_end: Option<u64>,
-    pub(super) token_request: Option<u64>,
-    pub(super) shutdown_grace: Option<u64>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RawTokens {
     pub(super) refresh_margin: Option<u64>,
     pub(super) keepalive: Option<u64>,
@@ -69,12 +52,6 @@ pub(super) struct RawTokens {
     pub(super) prefetch: Option<bool>,
     pub(super) backoff_max: Option<u64>,
     pub(super) notify_command: Option<Vec<String>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawTls {
-    pub(super) extra_ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -222,6 +199,9 @@ oauth_table!(RawAccount {
     password_hash: Option<String>,
     mailbox: Option<String>,
     identity: Option<String>,
+    allowed_senders: Option<Vec<String>>,
+    check_from_header: Option<bool>,
+    no_auth_sources: Option<Vec<String>>,
 });
 
 fn default_true() -> bool {

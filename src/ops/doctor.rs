@@ -132,6 +132,9 @@ fn check_listeners(report: &mut Report, config: &Config) {
     for &addr in &config.server.listen {
         check_bind(report, "SMTP listener", addr, is_bridge_smtp);
     }
+    for &addr in &config.server.listen_implicit_tls {
+        check_bind(report, "implicit-TLS SMTP listener", addr, is_bridge_smtps);
+    }
     if let Some(admin) = &config.admin {
         check_bind(report, "admin listener", admin.listen, is_bridge_admin);
     }
@@ -161,6 +164,11 @@ fn check_bind(report: &mut Report, what: &str, addr: SocketAddr, ours: fn(Socket
 /// Reads the greeting on `addr` and looks for the bridge's.
 fn is_bridge_smtp(addr: SocketAddr) -> bool {
     probe(addr, b"").contains("ESMTP smtp-oauth-bridge")
+}
+
+/// An implicit-TLS port of the bridge answers plaintext with a one-line refusal.
+fn is_bridge_smtps(addr: SocketAddr) -> bool {
+    probe(addr, b"\r\n").contains("This port expects TLS")
 }
 
 fn is_bridge_admin(addr: SocketAddr) -> bool {

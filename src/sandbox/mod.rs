@@ -34,7 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
 pub use ca::SandboxCa;
-pub use office365::{AuthAttempt, Behaviour, Office365, Office365Config, StoredMessage};
+pub use office365::{AuthAttempt, Behaviour, Office365, Office365Config, Stage, StoredMessage};
 pub use registry::{IssuedToken, TokenRegistry};
 pub use token_endpoint::{
     AssertionSeen, ClientRegistration, TokenEndpoint, TokenEndpointConfig, TokenFailure,

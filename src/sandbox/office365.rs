@@ -124,12 +124,51 @@ pub struct Behaviour {
     pub inject_after_starttls_220: bool,
     /// Wait this long before every reply.
     pub reply_delay: Duration,
+    /// Wait this long before the reply of one stage only.
+    pub stage_delay: Option<(Stage, Duration)>,
+    /// Close the connection without a reply when this stage's command (or, for
+    /// [`Stage::EndOfData`], the whole message) has arrived.
+    pub drop_at: Option<Stage>,
+    /// Close the connection right after accepting a message, as a provider cutting old or
+    /// idle sessions does; the client learns it only when it next sends a command.
+    pub close_after_message: bool,
     /// Office365 allows 3 concurrent authenticated sessions per mailbox; beyond this number
     /// the AUTH response gets `432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded`.
     pub max_concurrent_sessions_per_user: Option<usize>,
     /// Reply `554 5.2.252 SendAsDenied` after the data when MAIL FROM is not the
     /// authenticated user (PROTOCOL.md §1.6). Off by default.
     pub enforce_send_as: bool,
+}
+
+/// The stages of a session that [`Behaviour`] can single out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Greeting,
+    Ehlo,
+    StartTls,
+    Auth,
+    Mail,
+    Rcpt,
+    /// The DATA command (its 354).
+    Data,
+    /// The reply after the message's final dot (or BDAT LAST).
+    EndOfData,
+    /// Any other command.
+    Other,
+}
+
+impl Stage {
+    pub(crate) fn of_verb(verb: &str) -> Stage {
+        match verb {
+            "EHLO" | "HELO" => Stage::Ehlo,
+            "STARTTLS" => Stage::StartTls,
+            "AUTH" => Stage::Auth,
+            "MAIL" => Stage::Mail,
+            "RCPT" => Stage::Rcpt,
+            "DATA" | "BDAT" => Stage::Data,
+            _ => Stage::Other,
+        }
+    }
 }
 
 /// A running Office365 stand-in on `127.0.0.1`. Dropping it stops the server.
@@ -172,6 +211,7 @@ impl Office365 {
             behaviour: Mutex::new(Behaviour::default()),
             messages: Mutex::new(Vec::new()),
             auth_attempts: Mutex::new(Vec::new()),
+            commands: Mutex::new(Vec::new()),
             sessions: AtomicUsize::new(0),
             senders: Mutex::new(HashMap::new()),
         });
@@ -205,6 +245,12 @@ impl Office365 {
     /// AUTH exchanges so far, oldest first.
     pub fn auth_attempts(&self) -> Vec<AuthAttempt> {
         lock(&self.shared.auth_attempts).clone()
+    }
+
+    /// Command lines received so far, oldest first, without their line end; AUTH lines and
+    /// SASL responses are reduced to `AUTH <mechanism>`.
+    pub fn commands(&self) -> Vec<String> {
+        lock(&self.shared.commands).clone()
     }
 
     /// Connections accepted so far.
@@ -252,6 +298,7 @@ pub(crate) struct Shared {
     behaviour: Mutex<Behaviour>,
     messages: Mutex<Vec<StoredMessage>>,
     auth_attempts: Mutex<Vec<AuthAttempt>>,
+    commands: Mutex<Vec<String>>,
     sessions: AtomicUsize,
     /// Authenticated sessions per mailbox (lower-cased), for the concurrency limit.
     senders: Mutex<HashMap<String, usize>>,
@@ -263,8 +310,21 @@ impl Shared {
         lock(&self.behaviour).clone()
     }
 
-    pub(crate) fn reply_delay(&self) -> Duration {
-        lock(&self.behaviour).reply_delay
+    /// How long to wait before a reply at `stage`.
+    pub(crate) fn reply_delay(&self, stage: Stage) -> Duration {
+        let behaviour = lock(&self.behaviour);
+        match behaviour.stage_delay {
+            Some((slow, extra)) if slow == stage => behaviour.reply_delay + extra,
+            _ => behaviour.reply_delay,
+        }
+    }
+
+    pub(crate) fn record_command(&self, line: String) {
+        let mut commands = lock(&self.commands);
+        if commands.len() >= MAX_AUTH_ATTEMPTS_IN_MEMORY {
+            commands.remove(0);
+        }
+        commands.push(line);
     }
 
     pub(crate) fn record_attempt(&self, attempt: AuthAttempt) {

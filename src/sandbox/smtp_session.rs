@@ -14,7 +14,7 @@ use base64::engine::general_purpose::STANDARD;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::sandbox::clock::UtcDateTime;
-use crate::sandbox::office365::{AuthAttempt, SenderSlot, Shared, StoredMessage};
+use crate::sandbox::office365::{AuthAttempt, SenderSlot, Shared, Stage, StoredMessage};
 use crate::sandbox::random;
 use crate::sandbox::wire::{Wire, WireError, find};
 
@@ -65,6 +65,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         shared: Arc::clone(shared),
         peer,
         secure,
+        stage: Stage::Greeting,
         greeted: false,
         auth: None,
         tx: None,
@@ -107,6 +108,8 @@ struct Session {
     shared: Arc<Shared>,
     peer: SocketAddr,
     secure: bool,
+    /// What the next reply answers, for [`crate::sandbox::Behaviour`]'s per-stage switches.
+    stage: Stage,
     /// EHLO or HELO seen in this phase.
     greeted: bool,
     auth: Option<Authenticated>,
@@ -200,6 +203,15 @@ impl Session {
             tracing::debug!(%verb, "command");
         } else {
             tracing::debug!("unrecognized command");
+        }
+        self.shared.record_command(if verb == "AUTH" {
+            format!("AUTH {}", args.split(' ').next().unwrap_or_default())
+        } else {
+            text.trim_end_matches(['\r', '\n']).to_string()
+        });
+        self.stage = Stage::of_verb(&verb);
+        if self.shared.behaviour().drop_at == Some(self.stage) {
+            return Ok(Flow::Abort);
         }
         match verb.as_str() {
             "EHLO" => self.hello(wire, args, true).await,
@@ -668,6 +680,10 @@ impl Session {
                 .await;
         };
         let behaviour = self.shared.behaviour();
+        self.stage = Stage::EndOfData;
+        if behaviour.drop_at == Some(Stage::EndOfData) {
+            return Ok(Flow::Abort);
+        }
         let queue_id = random::hex(10).to_ascii_uppercase();
         let message = StoredMessage {
             mail_from: tx.mail_from,
@@ -701,7 +717,11 @@ impl Session {
         }
         let host = self.host();
         let reply = format!("250 2.0.0 OK <{queue_id}@{host}> [Hostname={host}]");
-        self.respond(wire, &reply).await
+        self.reply(wire, &reply).await?;
+        if behaviour.close_after_message {
+            return Ok(Flow::Abort);
+        }
+        Ok(Flow::Continue)
     }
 
     /// Why MAIL, RCPT, DATA or BDAT cannot run now, if they cannot.
@@ -760,7 +780,7 @@ impl Session {
     }
 
     async fn delay(&self) {
-        let delay = self.shared.reply_delay();
+        let delay = self.shared.reply_delay(self.stage);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }

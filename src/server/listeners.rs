@@ -1,18 +1,38 @@
 //! SMTP listeners: binding the configured addresses or adopting sockets from systemd, and one
-//! accept loop per listener that opens a tracing span per connection and spawns its session.
+//! accept loop per listener that admits connections within the limits, opens a tracing span
+//! per connection and spawns its session, with TLS first on implicit-TLS listeners.
+//!
+//! A client at the wrong kind of port is told so in one log line and closed at once: a TLS
+//! ClientHello on a plain port (noticed by the session on its first read), or plaintext (or
+//! silence: a plaintext client waits for a greeting) on an implicit-TLS port.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
+use super::limits::Permit;
 use super::{Shared, StartError, current, session};
 use crate::io::Stream;
+
+/// How clients on a listener start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Plain SMTP, with STARTTLS when a certificate is configured.
+    Plain,
+    /// TLS from the first byte (port 465 style).
+    ImplicitTls,
+}
+
+/// What a plaintext client on an implicit-TLS port hears before the close.
+const PLAINTEXT_ON_TLS_PORT: &[u8] =
+    b"421 4.7.0 This port expects TLS from the first byte; use STARTTLS on the plain port\r\n";
 
 pub(super) type Sessions = Arc<tokio::sync::Mutex<JoinSet<()>>>;
 
@@ -21,9 +41,11 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A bound listener not yet accepting.
 pub(super) struct Bound {
-    /// The `server.listen` entry it was bound for; `None` when it came from systemd.
+    /// The `server.listen` (or `listen_implicit_tls`) entry it was bound for; `None` when it
+    /// came from systemd.
     pub configured: Option<SocketAddr>,
     pub local: SocketAddr,
+    pub kind: ListenerKind,
     listener: TcpListener,
 }
 
@@ -31,6 +53,7 @@ pub(super) struct Bound {
 pub(super) struct Acceptor {
     pub configured: Option<SocketAddr>,
     pub local: SocketAddr,
+    pub kind: ListenerKind,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
@@ -43,23 +66,39 @@ impl Acceptor {
     }
 }
 
-pub(super) async fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<Bound>, StartError> {
+/// Every configured listener with its kind.
+pub(super) fn configured(config: &crate::config::Config) -> Vec<(SocketAddr, ListenerKind)> {
+    let server = &config.server;
+    let plain = server.listen.iter().map(|a| (*a, ListenerKind::Plain));
+    let implicit = server
+        .listen_implicit_tls
+        .iter()
+        .map(|a| (*a, ListenerKind::ImplicitTls));
+    plain.chain(implicit).collect()
+}
+
+pub(super) async fn bind_all(
+    addrs: &[(SocketAddr, ListenerKind)],
+) -> Result<Vec<Bound>, StartError> {
     let mut listeners = Vec::new();
-    for &addr in addrs {
+    for &(addr, kind) in addrs {
         match TcpListener::bind(addr).await {
             Ok(listener) => {
                 let local = listener.local_addr().unwrap_or(addr);
-                tracing::info!(address = %local, "listening for SMTP clients");
+                tracing::info!(address = %local, kind = ?kind, "listening for SMTP clients");
                 listeners.push(Bound {
                     configured: Some(addr),
                     local,
+                    kind,
                     listener,
                 });
             }
             // A host with IPv6 switched off cannot bind [::1]; the default configuration lists
             // it, so carry on with IPv4 loopback instead of refusing to start.
             Err(e)
-                if addr.is_ipv6() && addrs.iter().any(|a| a.is_ipv4()) && ipv6_unavailable(&e) =>
+                if addr.is_ipv6()
+                    && addrs.iter().any(|(a, _)| a.is_ipv4())
+                    && ipv6_unavailable(&e) =>
             {
                 tracing::warn!(address = %addr, error = %e, "IPv6 loopback unavailable; skipping it");
             }
@@ -69,18 +108,23 @@ pub(super) async fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<Bound>, StartEr
     Ok(listeners)
 }
 
-/// Takes over sockets from systemd. They must be on loopback for the same reason configured
-/// listeners must: clients send their password in clear text.
-pub(super) fn adopt(inherited: Vec<std::net::TcpListener>) -> Result<Vec<Bound>, StartError> {
+/// Takes over sockets from systemd (plain SMTP). They are held to the rule configured
+/// listeners are: beyond loopback only with `server.allow_non_loopback` and a certificate,
+/// because clients send their password.
+pub(super) fn adopt(
+    inherited: Vec<std::net::TcpListener>,
+    non_loopback_allowed: bool,
+) -> Result<Vec<Bound>, StartError> {
     let mut listeners = Vec::new();
     for std_listener in inherited {
         let local = std_listener
             .local_addr()
             .map_err(|e| StartError::Inherited(format!("socket from systemd: {e}")))?;
-        if !local.ip().is_loopback() {
+        if !crate::config::is_loopback(local.ip()) && !non_loopback_allowed {
             return Err(StartError::Inherited(format!(
                 "socket from systemd on {local} is not a loopback address; clients send their \
-                 password in clear text, so ListenStream= must be 127.0.0.1 or [::1]"
+                 password over it, so ListenStream= must be 127.0.0.1 or [::1], or proxy.toml \
+                 needs server.allow_non_loopback = true and a certificate (tls.certificate_file)"
             )));
         }
         std_listener
@@ -92,6 +136,7 @@ pub(super) fn adopt(inherited: Vec<std::net::TcpListener>) -> Result<Vec<Bound>,
         listeners.push(Bound {
             configured: None,
             local,
+            kind: ListenerKind::Plain,
             listener,
         });
     }
@@ -109,6 +154,7 @@ pub(super) fn spawn(
     let state = current_state.clone();
     let sessions = sessions.clone();
     let listener = bound.listener;
+    let kind = bound.kind;
     let task = tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -116,7 +162,7 @@ pub(super) fn spawn(
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-                        spawn_session(current(&state), &sessions, tcp, peer, id).await;
+                        spawn_session(current(&state), &sessions, tcp, peer, id, kind).await;
                     }
                     Err(e) => {
                         // Usually out of file descriptors: wait a little rather than spin,
@@ -131,6 +177,7 @@ pub(super) fn spawn(
     Acceptor {
         configured: bound.configured,
         local: bound.local,
+        kind: bound.kind,
         stop: stop_tx,
         task,
     }
@@ -139,24 +186,108 @@ pub(super) fn spawn(
 async fn spawn_session(
     shared: Arc<Shared>,
     sessions: &Sessions,
-    tcp: tokio::net::TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     id: u64,
+    kind: ListenerKind,
 ) {
     let _ = tcp.set_nodelay(true);
     let span = tracing::info_span!("session", id = format_args!("{id:06x}"), client = %peer, account = tracing::field::Empty);
+    let permit = match shared.guard.admit(peer.ip()) {
+        Ok(permit) => permit,
+        Err(refused) => {
+            span.in_scope(|| {
+                tracing::warn!(limit = ?refused, "connection refused: too many connections");
+            });
+            // Outside the session set: a refusal must not hold up a drain.
+            tokio::spawn(say_and_close(tcp, refused.reply()));
+            return;
+        }
+    };
     let counted = shared.metrics.connection_opened();
-    let session = session::Session::new(shared, Stream::Tcp(tcp));
     let mut set = sessions.lock().await;
     // Reap finished sessions so the set does not grow with every connection ever made.
     while set.try_join_next().is_some() {}
     set.spawn(
         async move {
-            session.run().await;
+            serve_connection(shared, tcp, peer, kind, permit).await;
             drop(counted);
         }
         .instrument(span),
     );
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    permit: Permit,
+) {
+    let stream = match kind {
+        ListenerKind::Plain => Stream::Tcp(tcp),
+        ListenerKind::ImplicitTls => match implicit_tls(&shared, tcp).await {
+            Some(stream) => stream,
+            None => return,
+        },
+    };
+    session::Session::new(shared, stream, peer).run().await;
+    drop(permit);
+}
+
+/// The TLS handshake of an implicit-TLS connection, refusing clients that speak plaintext.
+async fn implicit_tls(shared: &Shared, tcp: TcpStream) -> Option<Stream> {
+    let config = &shared.config;
+    let local_tls = config.local_tls.as_ref()?;
+    let limit = config.timeouts.tls_handshake;
+    // One deadline for the ClientHello to start and the handshake to finish.
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => return None,
+        Ok(Ok(_)) if !crate::smtp::command::looks_like_tls(&first) => {
+            tracing::warn!(
+                "client sent plaintext to an implicit-TLS port; configure it for TLS \
+                 (SSL, port 465 style), or point it at a plain listen address; connection closed"
+            );
+            say_and_close(tcp, PLAINTEXT_ON_TLS_PORT).await;
+            return None;
+        }
+        Ok(Ok(_)) => {}
+        Err(_) => {
+            tracing::warn!(
+                wait_s = limit.as_secs(),
+                "no TLS handshake on an implicit-TLS port (a plaintext client waiting for a \
+                 greeting?); connection closed"
+            );
+            say_and_close(tcp, PLAINTEXT_ON_TLS_PORT).await;
+            return None;
+        }
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(local_tls.server_config.clone());
+    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(Stream::ServerTls(Box::new(tls))),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "TLS handshake with the client failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(
+                after = %crate::upstream::human(limit),
+                "TLS handshake with the client timed out"
+            );
+            None
+        }
+    }
+}
+
+/// One line to a client that is not going to be served, then the close.
+async fn say_and_close(mut tcp: TcpStream, line: &'static [u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = tcp.write_all(line).await;
+        let _ = tcp.shutdown().await;
+    })
+    .await;
 }
 
 fn ipv6_unavailable(e: &std::io::Error) -> bool {

@@ -1,6 +1,7 @@
 //! The daemon's serving side: start-up (sandbox, token store, TLS, the token manager and its
-//! refresh task), the listeners and their accept loops with one tracing span per connection,
-//! configuration reloads, and the drain at shutdown.
+//! refresh task), the listeners and their accept loops with one tracing span per connection
+//! (`listeners`), the limits every client is held to (`limits`), configuration reloads, and the
+//! drain at shutdown. `session` is one client connection.
 //!
 //! Every session holds the [`Shared`] state that was current when it was accepted. A reload
 //! builds a new `Shared` and swaps it in for sessions accepted afterwards; sessions in flight
@@ -8,6 +9,7 @@
 //! a reload reconfigures it, so tokens survive and one refresh task keeps running. A drain stops the listeners, lets sessions finish within
 //! the grace period (they refuse new work with 421 4.3.2), then tells the rest 421 and closes.
 
+pub mod limits;
 mod listeners;
 pub mod session;
 
@@ -24,7 +26,7 @@ use crate::oauth::{HttpTokenSource, TokenManager, TokenSource};
 use crate::ops::Metrics;
 use crate::sandbox::Sandbox;
 use crate::store::Store;
-use listeners::Acceptor;
+use listeners::{Acceptor, ListenerKind};
 
 /// After the grace period, how long sessions get to say 421 and close before they are cut.
 const HARD_STOP: Duration = Duration::from_secs(2);
@@ -37,6 +39,9 @@ pub struct Shared {
     pub tls_client: Arc<rustls::ClientConfig>,
     /// Local password checks; one for the life of the process, so reloads keep its bounds.
     pub verifier: Arc<crate::users::Verifier>,
+    /// Connection slots and failed-login throttling; one for the life of the process, so a
+    /// reload keeps the counts (and applies the new limits).
+    pub guard: Arc<limits::Guard>,
     pub metrics: Arc<Metrics>,
     /// Where the bridge is in its life; sessions watch it to refuse new work while draining.
     pub lifecycle: watch::Receiver<Lifecycle>,
@@ -159,20 +164,34 @@ impl Bridge {
             )
             .with_metrics(metrics.clone()),
         );
+        let guard = limits::Guard::new(config.limits);
         let shared = build_shared(
             config,
             tls_client,
             &tokens,
             &metrics,
             &verifier,
+            &guard,
             lifecycle.subscribe(),
         );
+        if let Some(local) = &shared.config.local_tls {
+            warn_if_key_readable(&local.key_file);
+        }
 
         let from_systemd = !inherited.is_empty();
         let listeners = if from_systemd {
-            listeners::adopt(inherited)?
+            let server = &shared.config.server;
+            let beyond_loopback = server.allow_non_loopback && shared.config.local_tls.is_some();
+            let mut adopted = listeners::adopt(inherited, beyond_loopback)?;
+            // systemd hands over plain sockets; implicit-TLS listeners are still the bridge's.
+            let implicit: Vec<_> = listeners::configured(&shared.config)
+                .into_iter()
+                .filter(|(_, kind)| *kind == ListenerKind::ImplicitTls)
+                .collect();
+            adopted.extend(listeners::bind_all(&implicit).await?);
+            adopted
         } else {
-            listeners::bind_all(&shared.config.server.listen).await?
+            listeners::bind_all(&listeners::configured(&shared.config)).await?
         };
         let admin = match &shared.config.admin {
             Some(settings) => Some(crate::ops::admin::bind(settings.listen).await.map_err(
@@ -195,9 +214,22 @@ impl Bridge {
         })
     }
 
-    /// The SMTP addresses actually bound (useful with port 0).
+    /// The plain SMTP addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|l| l.local).collect()
+        self.addrs_of(ListenerKind::Plain)
+    }
+
+    /// The implicit-TLS addresses actually bound.
+    pub fn implicit_tls_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs_of(ListenerKind::ImplicitTls)
+    }
+
+    fn addrs_of(&self, kind: ListenerKind) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter(|l| l.kind == kind)
+            .map(|l| l.local)
+            .collect()
     }
 
     /// The admin listener's address, when `[admin]` is configured.
@@ -294,12 +326,14 @@ impl Bridge {
         let tls_client = crate::tls::client_config(config.extra_ca_file.as_deref(), extra_roots)
             .map_err(|e| e.to_string())?;
         let source = token_source(&tls_client, &config).map_err(|e| e.to_string())?;
+        let guard = current(&self.current).guard.clone();
         let shared = build_shared(
             config,
             tls_client,
             &self.tokens,
             &self.metrics,
             &verifier,
+            &guard,
             self.lifecycle.subscribe(),
         );
         let old = current(&self.current);
@@ -320,10 +354,14 @@ impl Bridge {
                 changes.push("server.listen ignored: the sockets come from systemd".to_string());
             }
         } else {
-            let wanted = &shared.config.server.listen;
-            let added: Vec<SocketAddr> = wanted
+            let wanted = listeners::configured(&shared.config);
+            let added: Vec<(SocketAddr, ListenerKind)> = wanted
                 .iter()
-                .filter(|a| !acceptors.iter().any(|x| x.configured == Some(**a)))
+                .filter(|(a, k)| {
+                    !acceptors
+                        .iter()
+                        .any(|x| x.configured == Some(*a) && x.kind == *k)
+                })
                 .copied()
                 .collect();
             // Bind first: a listener that cannot be bound refuses the whole reload.
@@ -332,7 +370,7 @@ impl Bridge {
                 .map_err(|e| e.to_string())?;
             let (keep, remove): (Vec<Acceptor>, Vec<Acceptor>) = std::mem::take(acceptors)
                 .into_iter()
-                .partition(|a| a.configured.is_none_or(|c| wanted.contains(&c)));
+                .partition(|a| a.configured.is_none_or(|c| wanted.contains(&(c, a.kind))));
             *acceptors = keep;
             for gone in remove {
                 changes.push(format!("stopped listening on {}", gone.local));
@@ -362,6 +400,7 @@ impl Bridge {
             Some(source),
         ));
         self.metrics.set_accounts(after.iter().copied());
+        shared.guard.set_limits(shared.config.limits);
         self.metrics
             .set_unhealthy_after(unhealthy_after(&shared.config));
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(shared);
@@ -485,6 +524,7 @@ fn build_shared(
     tokens: &Arc<TokenManager>,
     metrics: &Arc<Metrics>,
     verifier: &Arc<crate::users::Verifier>,
+    guard: &Arc<limits::Guard>,
     lifecycle: watch::Receiver<Lifecycle>,
 ) -> Shared {
     for identity in &config.identities {
@@ -503,7 +543,21 @@ fn build_shared(
         tokens: tokens.clone(),
         tls_client,
         verifier: verifier.clone(),
+        guard: guard.clone(),
         metrics: metrics.clone(),
         lifecycle,
+    }
+}
+
+/// The private key of the local listeners should be readable by the bridge alone.
+fn warn_if_key_readable(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            key_file = %path.display(),
+            "the TLS private key is readable by other users; chmod 600 it"
+        );
     }
 }

@@ -6,8 +6,12 @@
 //! and makes the security-relevant parts (reply framing, DATA framing, SASL
 //! decoding) independent of the async runtime.
 
+pub mod command;
 pub mod data;
 pub mod ehlo;
+#[doc(hidden)]
+pub mod fuzz;
+pub mod headers;
 pub mod line;
 pub mod reply;
 pub mod sasl;
@@ -15,4 +19,4 @@ pub mod sasl;
 pub use crate::smtp::data::{DataFramer, Feed};
 pub use crate::smtp::ehlo::{Capabilities, parse_ehlo};
 pub use crate::smtp::line::{LineStatus, find_line};
-pub use crate::smtp::reply::{Reply, ReplyError, parse_reply};
+pub use crate::smtp::reply::{MAX_WIRE_REPLY_LINE, Reply, ReplyError, parse_reply};

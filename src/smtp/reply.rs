@@ -7,6 +7,8 @@ use thiserror::Error;
 
 use crate::smtp::line::{LineStatus, find_line, trim_line_end};
 
+mod wrap;
+
 /// Longest accepted reply line in octets, including its line end. RFC 5321
 /// allows 512; real servers exceed that, so we are generous but bounded.
 pub const MAX_REPLY_LINE: usize = 4096;
@@ -14,6 +16,8 @@ pub const MAX_REPLY_LINE: usize = 4096;
 pub const MAX_REPLY_TOTAL: usize = 65536;
 /// Most lines accepted in one reply.
 pub const MAX_REPLY_LINES: usize = 256;
+/// Longest reply line RFC 5321 (section 4.5.3.1.5) lets a server send, CRLF included.
+pub const MAX_WIRE_REPLY_LINE: usize = 512;
 
 /// An SMTP reply: a code and one or more lines of text.
 ///

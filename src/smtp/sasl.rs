@@ -17,6 +17,9 @@ use zeroize::Zeroizing;
 
 use crate::smtp::line::trim_line_end;
 
+mod exchange;
+pub use exchange::{Credentials, Exchange, Failure, Mechanism, Step};
+
 /// Base64 of "Username:", the first AUTH LOGIN challenge.
 pub const LOGIN_USERNAME_PROMPT: &str = "VXNlcm5hbWU6";
 /// Base64 of "Password:", the second AUTH LOGIN challenge.

@@ -5,12 +5,14 @@
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
 use smtp_oauth_bridge::config::Config;
+use smtp_oauth_bridge::io::Stream;
 use smtp_oauth_bridge::sandbox::{
     ClientRegistration, Office365, Office365Config, SandboxCa, TokenEndpoint, TokenEndpointConfig,
     TokenRegistry,
@@ -44,6 +46,9 @@ pub fn password_hash() -> &'static str {
     HASH.get_or_init(|| smtp_oauth_bridge::users::hash_password(PASSWORD).unwrap())
 }
 
+/// A change made to the checked configuration before the bridge starts.
+pub type Tweak = Box<dyn FnOnce(&mut Config) + Send>;
+
 /// How a test wants its stage set up.
 pub struct Options {
     /// "client_credentials" or "refresh_token".
@@ -71,6 +76,14 @@ pub struct Options {
     pub tokens_extra: String,
     /// The account's credential lines instead of `client_secret = "..."`.
     pub credential: Option<String>,
+    /// Give the bridge a certificate made at test time (`[tls] certificate_file`), so it
+    /// offers STARTTLS.
+    pub local_tls: bool,
+    /// Also listen with implicit TLS (needs `local_tls`).
+    pub implicit_tls_listener: bool,
+    /// Changes to the checked configuration before the bridge starts, for durations shorter
+    /// than the one-second steps the TOML takes.
+    pub tweak: Option<Tweak>,
 }
 
 impl Default for Options {
@@ -88,6 +101,9 @@ impl Default for Options {
             prefetch: false,
             tokens_extra: String::new(),
             credential: None,
+            local_tls: false,
+            implicit_tls_listener: false,
+            tweak: None,
         }
     }
 }
@@ -99,6 +115,10 @@ pub struct Stage {
     pub token_endpoint: TokenEndpoint,
     pub office365: Office365,
     pub bridge: SocketAddr,
+    /// The implicit-TLS listener, when asked for.
+    pub bridge_implicit_tls: Option<SocketAddr>,
+    /// The bridge's own certificate (PEM), when `local_tls` was asked for.
+    pub local_cert_pem: Option<String>,
     pub shared: Arc<Shared>,
     /// The refresh token imported at start (refresh_token flow).
     pub imported_refresh_token: Option<String>,
@@ -147,16 +167,38 @@ impl Stage {
             String::new()
         };
 
+        let mut local_cert_pem = None;
+        let mut tls_lines = ca_line;
+        if options.local_tls {
+            let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+            let generated = smtp_oauth_bridge::tls::generate_self_signed(&names).unwrap();
+            let certs = dir.path().join("certs");
+            let (crt, key) =
+                smtp_oauth_bridge::tls::write_certificate(&certs, &generated, false).unwrap();
+            tls_lines.push_str(&format!(
+                "\ncertificate_file = \"{}\"\nkey_file = \"{}\"\n",
+                crt.display(),
+                key.display()
+            ));
+            local_cert_pem = Some(generated.certificate_pem.clone());
+        }
+        let implicit_line = if options.implicit_tls_listener {
+            "listen_implicit_tls = [\"127.0.0.1:0\"]"
+        } else {
+            ""
+        };
+
         let store_dir = dir.path().join("state");
         let toml = format!(
             r#"
 [server]
 listen = ["127.0.0.1:0"]
+{implicit_line}
 hostname = "bridge.test"
 {server_extra}
 
 [tls]
-{ca_line}
+{tls_lines}
 
 [store]
 directory = "{store}"
@@ -201,7 +243,11 @@ upstream_tls = "{upstream_tls}"
                 "{UPSTREAM}",
                 &format!("127.0.0.1:{}", office365.addr().port()),
             );
-        let config = Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("test config: {e}"));
+        let mut config =
+            Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("test config: {e}"));
+        if let Some(tweak) = options.tweak.take() {
+            tweak(&mut config);
+        }
         let config_path = dir.path().join("proxy.toml");
         std::fs::write(&config_path, &toml).unwrap();
 
@@ -221,6 +267,7 @@ upstream_tls = "{upstream_tls}"
 
         let bridge = Bridge::start(config).await.unwrap();
         let addr = bridge.local_addrs()[0];
+        let bridge_implicit_tls = bridge.implicit_tls_addrs().first().copied();
         let shared = bridge.shared().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(bridge.serve(
@@ -236,6 +283,8 @@ upstream_tls = "{upstream_tls}"
             token_endpoint,
             office365,
             bridge: addr,
+            bridge_implicit_tls,
+            local_cert_pem,
             shared,
             imported_refresh_token,
             config_path,
@@ -293,7 +342,7 @@ upstream_tls = "{upstream_tls}"
 
 /// A legacy client speaking raw SMTP, so tests see exact reply codes and texts.
 pub struct SmtpClient {
-    pub stream: TcpStream,
+    pub stream: Stream,
     buf: Vec<u8>,
     pub greeting: Reply,
 }
@@ -301,6 +350,23 @@ pub struct SmtpClient {
 impl SmtpClient {
     pub async fn connect(addr: SocketAddr) -> SmtpClient {
         let stream = TcpStream::connect(addr).await.unwrap();
+        Self::greeted(Stream::Tcp(stream)).await
+    }
+
+    /// Connects from a chosen loopback source address (127.0.0.0/8 is all loopback on Linux,
+    /// so 127.0.0.2 is a second, distinct client address).
+    pub async fn connect_from(addr: SocketAddr, source: IpAddr) -> SmtpClient {
+        Self::greeted(Stream::Tcp(tcp_from(addr, source).await)).await
+    }
+
+    /// Connects to an implicit-TLS listener, trusting `cert_pem`.
+    pub async fn connect_tls(addr: SocketAddr, cert_pem: &str) -> SmtpClient {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tls = tls_connect(tcp, cert_pem).await.expect("TLS handshake");
+        Self::greeted(Stream::ClientTls(Box::new(tls))).await
+    }
+
+    async fn greeted(stream: Stream) -> SmtpClient {
         let mut c = SmtpClient {
             stream,
             buf: Vec::new(),
@@ -311,8 +377,25 @@ impl SmtpClient {
         c
     }
 
+    /// STARTTLS, then the TLS handshake trusting `cert_pem`; the client continues inside TLS.
+    pub async fn starttls(mut self, cert_pem: &str) -> SmtpClient {
+        let r = self.cmd("STARTTLS").await;
+        assert_eq!(r.code(), 220, "STARTTLS: {}", r.text());
+        assert!(self.buf.is_empty(), "nothing may follow the 220 in clear");
+        let Stream::Tcp(tcp) = self.stream else {
+            panic!("already TLS");
+        };
+        let tls = tls_connect(tcp, cert_pem).await.expect("TLS handshake");
+        SmtpClient {
+            stream: Stream::ClientTls(Box::new(tls)),
+            buf: Vec::new(),
+            greeting: self.greeting,
+        }
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
+        self.stream.flush().await.unwrap();
     }
 
     /// Reads one reply; fails the test after 20 seconds rather than hanging.
@@ -342,6 +425,12 @@ impl SmtpClient {
         })
         .await
         .expect("no reply within 20 s")
+    }
+
+    /// The raw bytes of the next reply as they came off the wire.
+    pub async fn raw_reply(&mut self) -> Vec<u8> {
+        let r = self.reply().await;
+        r.to_bytes()
     }
 
     pub async fn cmd(&mut self, line: &str) -> Reply {
@@ -420,6 +509,103 @@ pub fn rsa_certificate(
     std::fs::write(&pem, both).unwrap();
     let der = rustls_pki_types::CertificateDer::from_pem_file(&cert).unwrap();
     (pem, der)
+}
+
+/// EHLO lines as strings, for capability checks.
+pub fn ehlo_lines(r: &Reply) -> Vec<String> {
+    r.lines()
+        .iter()
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect()
+}
+
+pub async fn tcp_from(addr: SocketAddr, source: IpAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// A TLS client trusting exactly `cert_pem` (the bridge's self-signed certificate).
+pub fn client_tls_config(cert_pem: &str) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(cert_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(smtp_oauth_bridge::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+pub async fn tls_connect(
+    tcp: TcpStream,
+    cert_pem: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let connector = tokio_rustls::TlsConnector::from(client_tls_config(cert_pem));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await
+}
+
+/// Log lines the bridge writes while the returned guard lives (this thread only: tests run
+/// on tokio's single-threaded test runtime, so every task logs here).
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// The lines that contain `needle`.
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+pub fn capture_logs() -> (tracing::subscriber::DefaultGuard, Logs) {
+    let logs = Logs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("smtp_oauth_bridge=info")
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    (tracing::subscriber::set_default(subscriber), logs)
+}
+
+/// Waits (up to 10 s) until `check` holds, for effects that follow a reply.
+pub async fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
 }
 
 pub fn b64(text: &str) -> String {
