@@ -7,52 +7,19 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{CLIENT_ID, PASSWORD, SmtpClient, TENANT, USER, client_secret, password_hash};
+use common::{CLIENT_ID, Fakes, PASSWORD, SmtpClient, TENANT, USER, client_secret, password_hash};
 use smtp_oauth_bridge::config::Config;
-use smtp_oauth_bridge::sandbox::{
-    ClientRegistration, Office365, Office365Config, SandboxCa, TokenEndpoint, TokenEndpointConfig,
-    TokenRegistry,
-};
+use smtp_oauth_bridge::sandbox::Office365;
 use smtp_oauth_bridge::server::{Bridge, Control};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 const SCANNER: &str = "scanner@contoso.com";
 
-/// The fakes plus a way to write configurations pointing at them.
-struct Fakes {
-    dir: tempfile::TempDir,
-    token_endpoint: TokenEndpoint,
-    office365: Office365,
-}
-
+/// Configurations pointing at the fakes.
 impl Fakes {
-    async fn start() -> Fakes {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = SandboxCa::generate().unwrap();
-        let tls = ca.server_config(&["localhost", "127.0.0.1"]).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca.ca_pem()).unwrap();
-        let registry = Arc::new(TokenRegistry::new());
-        let token_config = TokenEndpointConfig {
-            clients: vec![ClientRegistration::new(CLIENT_ID, client_secret())],
-            ..TokenEndpointConfig::default()
-        };
-        let token_endpoint = TokenEndpoint::start(tls.clone(), registry.clone(), token_config)
-            .await
-            .unwrap();
-        let office365 = Office365::start(tls, registry, Office365Config::default())
-            .await
-            .unwrap();
-        Fakes {
-            dir,
-            token_endpoint,
-            office365,
-        }
-    }
-
     fn account(&self, name: &str, username: &str, secret: &str) -> String {
         format!(
             r#"

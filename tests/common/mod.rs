@@ -5,17 +5,19 @@
 
 #![allow(dead_code)]
 
+pub mod fakes;
+
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
+pub use fakes::Fakes;
 use smtp_oauth_bridge::config::Config;
 use smtp_oauth_bridge::io::Stream;
 use smtp_oauth_bridge::sandbox::{
-    ClientRegistration, Office365, Office365Config, SandboxCa, TokenEndpoint, TokenEndpointConfig,
-    TokenRegistry,
+    Office365, Office365Config, SandboxCa, TokenEndpoint, TokenEndpointConfig, TokenRegistry,
 };
 use smtp_oauth_bridge::server::{Bridge, Shared};
 use smtp_oauth_bridge::smtp::{Reply, parse_reply};
@@ -134,27 +136,19 @@ impl Stage {
     }
 
     pub async fn start_with(mut options: Options) -> Stage {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = SandboxCa::generate().unwrap();
-        let tls = ca.server_config(&["localhost", "127.0.0.1"]).unwrap();
-        let ca_file = dir.path().join("test-ca.pem");
-        std::fs::write(&ca_file, ca.ca_pem()).unwrap();
-
-        let registry = Arc::new(TokenRegistry::new());
-        options
-            .token_config
-            .clients
-            .push(ClientRegistration::new(CLIENT_ID, client_secret()));
-        let token_endpoint =
-            TokenEndpoint::start(tls.clone(), registry.clone(), options.token_config)
-                .await
-                .unwrap();
-        let office365 = if options.implicit_tls {
-            Office365::start_implicit_tls(tls, registry.clone(), options.office365).await
-        } else {
-            Office365::start(tls, registry.clone(), options.office365).await
-        }
-        .unwrap();
+        let Fakes {
+            dir,
+            ca,
+            ca_file,
+            registry,
+            token_endpoint,
+            office365,
+        } = Fakes::start_with(
+            std::mem::take(&mut options.token_config),
+            std::mem::take(&mut options.office365),
+            options.implicit_tls,
+        )
+        .await;
         let upstream_tls = if options.implicit_tls {
             "implicit"
         } else {
