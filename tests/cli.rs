@@ -114,19 +114,7 @@ fn hash_password_reads_stdin_and_prints_a_verifiable_hash() {
 #[test]
 fn import_token_stores_the_refresh_token_encrypted() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let path = dir.path().join("proxy.toml");
-    let hash = smtp_oauth_bridge::users::hash_password("pw").unwrap();
-    std::fs::write(
-        &path,
-        format!(
-            "[store]\ndirectory = \"{}\"\n[[accounts]]\nname = \"alerts\"\nusername = \"a@contoso.com\"\n\
-             password_hash = \"{hash}\"\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\n\
-             flow = \"refresh_token\"\n",
-            state.display()
-        ),
-    )
-    .unwrap();
+    let (path, state) = delegated_config(dir.path());
     let token = "0.AXYZ-refresh-token-made-for-this-test";
     let mut cmd = bridge();
     cmd.arg("--config")
@@ -298,19 +286,7 @@ fn accounts_says_when_the_daemon_is_not_running() {
 #[test]
 fn a_store_whose_key_is_elsewhere_is_refused_not_rekeyed() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let path = dir.path().join("proxy.toml");
-    let hash = smtp_oauth_bridge::users::hash_password("pw").unwrap();
-    std::fs::write(
-        &path,
-        format!(
-            "[store]\ndirectory = \"{}\"\n[[accounts]]\nname = \"alerts\"\nusername = \"a@contoso.com\"\n\
-             password_hash = \"{hash}\"\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\n\
-             flow = \"refresh_token\"\n",
-            state.display()
-        ),
-    )
-    .unwrap();
+    let (path, state) = delegated_config(dir.path());
     let import = |token: &str| {
         let mut cmd = bridge();
         cmd.arg("--config")
@@ -430,4 +406,22 @@ fn accounts_cannot_come_from_the_environment_and_say_so() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A configuration with one delegated account, `alerts`, whose store is `dir/state`.
+fn delegated_config(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let state = dir.join("state");
+    let path = dir.join("proxy.toml");
+    let hash = smtp_oauth_bridge::users::hash_password("pw").unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[store]\ndirectory = \"{}\"\n[[accounts]]\nname = \"alerts\"\nusername = \"a@contoso.com\"\n\
+             password_hash = \"{hash}\"\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\n\
+             flow = \"refresh_token\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    (path, state)
 }
