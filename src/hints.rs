@@ -34,7 +34,7 @@ pub const AADSTS: &[(u32, Hint)] = &[
         hint(
             "AADSTS700082",
             "the refresh token expired after 90 days without use",
-            "sign in again and run `smtp-oauth-bridge import-token NAME` with the new refresh token",
+            "sign in again: `smtp-oauth-bridge login NAME`",
         ),
     ),
     (
@@ -42,7 +42,7 @@ pub const AADSTS: &[(u32, Hint)] = &[
         hint(
             "AADSTS70008",
             "the refresh token expired or was revoked",
-            "sign in again and run `smtp-oauth-bridge import-token NAME` with the new refresh token",
+            "sign in again: `smtp-oauth-bridge login NAME`",
         ),
     ),
     (
@@ -50,7 +50,7 @@ pub const AADSTS: &[(u32, Hint)] = &[
         hint(
             "AADSTS50173",
             "the grant was revoked (password change or sessions revoked)",
-            "sign in again and run `smtp-oauth-bridge import-token NAME`",
+            "sign in again: `smtp-oauth-bridge login NAME`",
         ),
     ),
     (
@@ -66,7 +66,7 @@ pub const AADSTS: &[(u32, Hint)] = &[
         hint(
             "AADSTS50076",
             "multi-factor authentication is required for this sign-in",
-            "use flow = \"client_credentials\" (app-only), or sign in again with MFA and import the new refresh token",
+            "use flow = \"client_credentials\" (app-only), or sign in again with MFA: `smtp-oauth-bridge login NAME`",
         ),
     ),
     (
@@ -74,7 +74,7 @@ pub const AADSTS: &[(u32, Hint)] = &[
         hint(
             "AADSTS50079",
             "the user must enrol in multi-factor authentication",
-            "complete MFA enrolment for the mailbox, then sign in again and import the refresh token",
+            "complete MFA enrolment for the mailbox, then sign in again: `smtp-oauth-bridge login NAME`",
         ),
     ),
     (
@@ -162,7 +162,7 @@ pub const AADSTS: &[(u32, Hint)] = &[
         hint(
             "AADSTS7000012",
             "the refresh token was issued for a different tenant",
-            "set tenant to the tenant the refresh token was obtained from",
+            "sign in again (`smtp-oauth-bridge login NAME`); the grant is refreshed where it was issued",
         ),
     ),
     (

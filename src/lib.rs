@@ -4,6 +4,7 @@
 //!
 //! The module list is the map (see ARCHITECTURE.md for the path of a message):
 
+pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod hints;

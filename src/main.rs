@@ -4,10 +4,13 @@
 use std::io::{BufRead, IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
-use smtp_oauth_bridge::config::{Config, DEFAULT_CONFIG_PATH, Flow};
+use smtp_oauth_bridge::cli;
+use smtp_oauth_bridge::config::{Config, DEFAULT_CONFIG_PATH};
+use smtp_oauth_bridge::oauth::login::Method;
 use smtp_oauth_bridge::ops::systemd;
 use smtp_oauth_bridge::server::{Bridge, Control};
 use tokio::sync::{mpsc, oneshot};
@@ -42,9 +45,32 @@ enum Command {
     /// Print an argon2 hash for a local password: asked for twice on a terminal, otherwise
     /// the first line of standard input (without its line end).
     HashPassword,
-    /// Store a refresh token for ACCOUNT, read from standard input.
+    /// Give an identity its grant: sign a user in (device code or browser), or check an
+    /// app-only credential. Stores the tokens encrypted.
+    Login {
+        /// The identity's name, or an account's name or username.
+        identity: String,
+        /// Sign in with a code on any device (default where the provider has a device
+        /// endpoint, as Microsoft does).
+        #[arg(long, conflicts_with_all = ["browser", "paste"])]
+        device: bool,
+        /// Sign in with a browser; its redirect comes back to a listener on localhost, or the
+        /// address it ends up on may be pasted (default for Gmail).
+        #[arg(long, conflicts_with = "paste")]
+        browser: bool,
+        /// Like --browser without the listener: paste the address the browser ends up on.
+        #[arg(long)]
+        paste: bool,
+        /// Minutes a browser sign-in may take.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// List each account: its identity, flow, state, token expiry, last refresh and
+    /// refresh-token age (from the running daemon's status file; no secret is shown).
+    Accounts,
+    /// Store a refresh token obtained elsewhere, read from standard input.
     ImportToken {
-        /// The account's `name` (or username) in the configuration.
+        /// The identity's name, or an account's name or username.
         account: String,
     },
     /// Make a self-signed certificate (ECDSA P-256) for the bridge's own TLS listeners:
@@ -83,6 +109,29 @@ fn main() -> ExitCode {
         },
         Command::ImportToken { account } => match load(&cli.config) {
             Ok(config) => import_token(&config, &account),
+            Err(code) => code,
+        },
+        Command::Login {
+            identity,
+            device,
+            browser,
+            paste,
+            timeout,
+        } => match load(&cli.config) {
+            Ok(config) => {
+                let method = match (device, browser, paste) {
+                    (true, _, _) => Some(Method::Device),
+                    (_, true, _) => Some(Method::Browser),
+                    (_, _, true) => Some(Method::Paste),
+                    _ => None,
+                };
+                let timeout = Duration::from_secs(timeout.max(1) * 60);
+                finish(runtime().block_on(cli::login(&config, &identity, method, timeout)))
+            }
+            Err(code) => code,
+        },
+        Command::Accounts => match load(&cli.config) {
+            Ok(config) => finish(cli::accounts(&config).map(|table| print!("{table}"))),
             Err(code) => code,
         },
         Command::Doctor => doctor(&cli.config),
@@ -300,20 +349,6 @@ fn generate_certificate(dir: &std::path::Path, mut names: Vec<String>, force: bo
 }
 
 fn import_token(config: &Config, wanted: &str) -> ExitCode {
-    let Some(account) = config
-        .account_by_name(wanted)
-        .or_else(|| config.account_by_username(wanted))
-    else {
-        eprintln!("smtp-oauth-bridge: no account named {wanted} in the configuration");
-        return ExitCode::from(EX_CONFIG);
-    };
-    if account.oauth.flow != Flow::RefreshToken {
-        eprintln!(
-            "smtp-oauth-bridge: account {} uses client credentials, which need no refresh token",
-            account.name
-        );
-        return ExitCode::from(EX_CONFIG);
-    }
     if std::io::stdin().is_terminal() {
         eprintln!("Paste the refresh token, then press Enter:");
     }
@@ -322,26 +357,21 @@ fn import_token(config: &Config, wanted: &str) -> ExitCode {
         eprintln!("smtp-oauth-bridge: cannot read the token from standard input");
         return ExitCode::FAILURE;
     }
-    let token = SecretString::from(text.trim().to_string());
-    if token.expose_secret().is_empty() || token.expose_secret().contains(char::is_whitespace) {
-        eprintln!("smtp-oauth-bridge: expected one refresh token on standard input");
-        return ExitCode::FAILURE;
-    }
-    let store = match smtp_oauth_bridge::store::Store::open(&config.store.directory) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("smtp-oauth-bridge: {e}");
-            return ExitCode::from(EX_UNAVAILABLE);
+    let text = zeroize::Zeroizing::new(text);
+    finish(cli::import_token(config, wanted, &text).map(|message| println!("{message}")))
+}
+
+/// Prints a subcommand's failure and turns it into the exit code.
+fn finish(result: Result<(), cli::Failure>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("smtp-oauth-bridge: {failure}");
+            ExitCode::from(match failure {
+                cli::Failure::Usage(_) => EX_CONFIG,
+                cli::Failure::Unavailable(_) => EX_UNAVAILABLE,
+                cli::Failure::Failed(_) => 1,
+            })
         }
-    };
-    if let Err(e) = store.save_refresh_token(&account.name, &token) {
-        eprintln!("smtp-oauth-bridge: {e}");
-        return ExitCode::from(EX_UNAVAILABLE);
     }
-    println!(
-        "stored the refresh token of {} in {}",
-        account.name,
-        store.dir().display()
-    );
-    ExitCode::SUCCESS
 }

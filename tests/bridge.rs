@@ -470,13 +470,33 @@ async fn token_endpoint_failures_map_to_454_or_535() {
             "answered promptly"
         );
         assert_eq!(stage.office365.sessions(), 0, "no upstream without a token");
-        // A transient failure does not stick: the next login works.
-        if code == 454 {
-            assert_eq!(
-                c.auth_plain(USER, PASSWORD).await.code(),
-                235,
-                "{failure:?}"
-            );
+        // A transient failure does not stick: the next login works. Throttling is the
+        // exception: the endpoint said when to ask again, and until then clients hear 454
+        // at once, without a request.
+        let requests = stage.token_endpoint.request_count();
+        match failure {
+            TokenFailure::TooManyRequests { .. } => {
+                let r = c.auth_plain(USER, PASSWORD).await;
+                assert_eq!(
+                    (r.code(), r.enhanced()),
+                    (454, Some("4.7.0")),
+                    "{}",
+                    r.text()
+                );
+                assert_eq!(stage.token_endpoint.request_count(), requests);
+            }
+            _ if code == 454 => {
+                assert_eq!(
+                    c.auth_plain(USER, PASSWORD).await.code(),
+                    235,
+                    "{failure:?}"
+                );
+            }
+            _ => {
+                // Refused for good: no further request until an administrator acts.
+                assert_eq!(c.auth_plain(USER, PASSWORD).await.code(), 535);
+                assert_eq!(stage.token_endpoint.request_count(), requests);
+            }
         }
     }
 }

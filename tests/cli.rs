@@ -114,19 +114,7 @@ fn hash_password_reads_stdin_and_prints_a_verifiable_hash() {
 #[test]
 fn import_token_stores_the_refresh_token_encrypted() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let path = dir.path().join("proxy.toml");
-    let hash = smtp_oauth_bridge::users::hash_password("pw").unwrap();
-    std::fs::write(
-        &path,
-        format!(
-            "[store]\ndirectory = \"{}\"\n[[accounts]]\nname = \"alerts\"\nusername = \"a@contoso.com\"\n\
-             password_hash = \"{hash}\"\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\n\
-             flow = \"refresh_token\"\n",
-            state.display()
-        ),
-    )
-    .unwrap();
+    let (path, state) = delegated_config(dir.path());
     let token = "0.AXYZ-refresh-token-made-for-this-test";
     let mut cmd = bridge();
     cmd.arg("--config")
@@ -236,6 +224,87 @@ fn environment_overrides_keys_and_secrets_come_from_env_or_file() {
 }
 
 #[test]
+fn accounts_says_when_the_daemon_is_not_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let path = dir.path().join("proxy.toml");
+    let hash = smtp_oauth_bridge::users::hash_password("pw").unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[store]\ndirectory = \"{}\"\n[[identities]]\nname = \"contoso-app\"\n\
+             tenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\nclient_secret = \"hunter2-secret\"\n\
+             [[accounts]]\nname = \"everyone\"\nusername = \"*@contoso.com\"\npassword_hash = \"{hash}\"\n\
+             identity = \"contoso-app\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let accounts = || {
+        let out = bridge()
+            .arg("--config")
+            .arg(&path)
+            .arg("accounts")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = accounts();
+    assert!(
+        text.contains("the daemon has not run with this store yet"),
+        "{text}"
+    );
+    let line = text.lines().find(|l| l.starts_with("everyone")).unwrap();
+    assert!(
+        line.contains("*@contoso.com") && line.contains("contoso-app"),
+        "{line}"
+    );
+    assert!(!text.contains("hunter2"));
+
+    // A status left by a daemon that is gone.
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(
+        state.join("status.json"),
+        r#"{"pid":4000000000,"started":1,"written":1,"identities":[{"name":"contoso-app",
+        "flow":"client_credentials","state":"backing-off","access_token_expires":null,
+        "last_refresh":null,"refresh_token_received":null,"refresh_token_used":null,
+        "retry_at":null,"last_error":"token endpoint temporarily unavailable: HTTP 503",
+        "hint":null,"requests":3}]}"#,
+    )
+    .unwrap();
+    let text = accounts();
+    assert!(text.contains("daemon NOT running"), "{text}");
+    assert!(text.contains("backing-off"), "{text}");
+    assert!(text.contains("temporarily unavailable: HTTP 503"), "{text}");
+}
+
+#[test]
+fn a_store_whose_key_is_elsewhere_is_refused_not_rekeyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, state) = delegated_config(dir.path());
+    let import = |token: &str| {
+        let mut cmd = bridge();
+        cmd.arg("--config")
+            .arg(&path)
+            .args(["import-token", "alerts"]);
+        run_with_stdin(cmd, token)
+    };
+    assert!(import("0.Afirst-token\n").status.success());
+    // The key lived in a systemd credential this shell was not given.
+    std::fs::remove_file(state.join("store.key")).unwrap();
+    let out = import("0.Asecond-token\n");
+    assert_eq!(out.status.code(), Some(69));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CREDENTIALS_DIRECTORY"), "{stderr}");
+    assert!(!state.join("store.key").exists(), "no new key was made");
+}
+
+#[test]
 fn generate_certificate_writes_a_private_key_and_never_overwrites_by_accident() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
@@ -337,4 +406,22 @@ fn accounts_cannot_come_from_the_environment_and_say_so() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A configuration with one delegated account, `alerts`, whose store is `dir/state`.
+fn delegated_config(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let state = dir.join("state");
+    let path = dir.join("proxy.toml");
+    let hash = smtp_oauth_bridge::users::hash_password("pw").unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[store]\ndirectory = \"{}\"\n[[accounts]]\nname = \"alerts\"\nusername = \"a@contoso.com\"\n\
+             password_hash = \"{hash}\"\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\n\
+             flow = \"refresh_token\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    (path, state)
 }

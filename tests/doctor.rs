@@ -6,44 +6,11 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 
-use common::{CLIENT_ID, TENANT, USER, client_secret, password_hash};
-use smtp_oauth_bridge::sandbox::{
-    ClientRegistration, Office365, Office365Config, SandboxCa, TokenEndpoint, TokenEndpointConfig,
-    TokenRegistry,
-};
+use common::{CLIENT_ID, Fakes, TENANT, USER, client_secret, password_hash};
 
-struct Fakes {
-    dir: tempfile::TempDir,
-    token_endpoint: TokenEndpoint,
-    office365: Office365,
-}
-
+/// Configurations pointing at the fakes.
 impl Fakes {
-    async fn start() -> Fakes {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = SandboxCa::generate().unwrap();
-        let tls = ca.server_config(&["localhost", "127.0.0.1"]).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca.ca_pem()).unwrap();
-        let registry = Arc::new(TokenRegistry::new());
-        let token_config = TokenEndpointConfig {
-            clients: vec![ClientRegistration::new(CLIENT_ID, client_secret())],
-            ..TokenEndpointConfig::default()
-        };
-        let token_endpoint = TokenEndpoint::start(tls.clone(), registry.clone(), token_config)
-            .await
-            .unwrap();
-        let office365 = Office365::start(tls, registry, Office365Config::default())
-            .await
-            .unwrap();
-        Fakes {
-            dir,
-            token_endpoint,
-            office365,
-        }
-    }
-
     /// Writes proxy.toml; `account_extra` lines replace defaults of the same key.
     fn write(&self, server_extra: &str, trust_ca: bool, account_extra: &str) -> std::path::PathBuf {
         let ca = if trust_ca {

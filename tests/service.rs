@@ -7,52 +7,19 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{CLIENT_ID, PASSWORD, SmtpClient, TENANT, USER, client_secret, password_hash};
+use common::{CLIENT_ID, Fakes, PASSWORD, SmtpClient, TENANT, USER, client_secret, password_hash};
 use smtp_oauth_bridge::config::Config;
-use smtp_oauth_bridge::sandbox::{
-    ClientRegistration, Office365, Office365Config, SandboxCa, TokenEndpoint, TokenEndpointConfig,
-    TokenRegistry,
-};
+use smtp_oauth_bridge::sandbox::Office365;
 use smtp_oauth_bridge::server::{Bridge, Control};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 const SCANNER: &str = "scanner@contoso.com";
 
-/// The fakes plus a way to write configurations pointing at them.
-struct Fakes {
-    dir: tempfile::TempDir,
-    token_endpoint: TokenEndpoint,
-    office365: Office365,
-}
-
+/// Configurations pointing at the fakes.
 impl Fakes {
-    async fn start() -> Fakes {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = SandboxCa::generate().unwrap();
-        let tls = ca.server_config(&["localhost", "127.0.0.1"]).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca.ca_pem()).unwrap();
-        let registry = Arc::new(TokenRegistry::new());
-        let token_config = TokenEndpointConfig {
-            clients: vec![ClientRegistration::new(CLIENT_ID, client_secret())],
-            ..TokenEndpointConfig::default()
-        };
-        let token_endpoint = TokenEndpoint::start(tls.clone(), registry.clone(), token_config)
-            .await
-            .unwrap();
-        let office365 = Office365::start(tls, registry, Office365Config::default())
-            .await
-            .unwrap();
-        Fakes {
-            dir,
-            token_endpoint,
-            office365,
-        }
-    }
-
     fn account(&self, name: &str, username: &str, secret: &str) -> String {
         format!(
             r#"
@@ -76,9 +43,11 @@ upstream = "127.0.0.1:{port}"
     fn config(&self, listen: &[&str], extra: &str, accounts: &[String]) -> Config {
         let listen: Vec<String> = listen.iter().map(|l| format!("\"{l}\"")).collect();
         let text = format!(
-            "[server]\nlisten = [{}]\nhostname = \"bridge.test\"\n[tls]\nextra_ca_file = \"{}\"\n{extra}\n{}",
+            "[server]\nlisten = [{}]\nhostname = \"bridge.test\"\n[tls]\nextra_ca_file = \"{}\"\n\
+             [store]\ndirectory = \"{}\"\n{extra}\n{}",
             listen.join(", "),
             self.dir.path().join("ca.pem").display(),
+            self.dir.path().join("state").display(),
             accounts.concat()
         );
         Config::from_toml_str(&text).unwrap_or_else(|e| panic!("test config: {e}"))
@@ -358,7 +327,8 @@ async fn metrics_and_health_tell_a_monitoring_system_what_happened() {
     let fakes = Fakes::start().await;
     let broken = fakes.account("broken", "broken@contoso.com", "not-the-secret");
     let accounts = [fakes.printer(), broken];
-    let admin_toml = "[admin]\nlisten = \"127.0.0.1:0\"\nupstream_failures_unhealthy = 2\n";
+    // Tokens on first use, so the story below decides when the broken account is found.
+    let admin_toml = "[admin]\nlisten = \"127.0.0.1:0\"\nupstream_failures_unhealthy = 2\n[tokens]\nprefetch = false\n";
     let config = fakes.config(&["127.0.0.1:0"], admin_toml, &accounts);
     let bridge = Running::start(config).await;
     let addr = bridge.addrs[0];
@@ -524,10 +494,12 @@ async fn a_reload_adds_an_implicit_tls_listener_and_new_limits_apply_to_open_cou
         let text = format!(
             "[server]\nlisten = [\"127.0.0.1:0\"]\n{implicit}\nhostname = \"bridge.test\"\n\
              [limits]\nmax_connections_per_source = {per_source}\n\
-             [tls]\nextra_ca_file = \"{}\"\ncertificate_file = \"{}\"\nkey_file = \"{}\"\n{}",
+             [tls]\nextra_ca_file = \"{}\"\ncertificate_file = \"{}\"\nkey_file = \"{}\"\n\
+             [store]\ndirectory = \"{}\"\n{}",
             fakes.dir.path().join("ca.pem").display(),
             crt.display(),
             key.display(),
+            fakes.dir.path().join("state").display(),
             fakes.printer()
         );
         Config::from_toml_str(&text).unwrap_or_else(|e| panic!("test config: {e}"))

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Account, Config, Flow};
-use crate::oauth::{AccessToken, TokenError, TokenManager};
+use crate::oauth::endpoint::Http;
+use crate::oauth::{AccessToken, HttpTokenSource, TokenError, TokenManager};
 use crate::sandbox::Sandbox;
 use crate::store::Store;
 use crate::upstream::{Phase, Target, Upstream, UpstreamError};
@@ -72,18 +73,20 @@ pub async fn run(config_path: &Path, out: &mut dyn Write) -> bool {
             return false;
         }
     };
-    let tokens = match TokenManager::new(
-        &config.accounts,
-        &tls,
-        config.timeouts.token_request,
-        store.map(Arc::new),
-    ) {
-        Ok(tokens) => tokens,
+    let http = match Http::new(&tls, config.timeouts.token_request) {
+        Ok(http) => http,
         Err(e) => {
-            report.fail(&format!("token manager: {e}"), "see the error above");
+            report.fail(&format!("HTTP client: {e}"), "see the error above");
             return false;
         }
     };
+    // One-off requests only: no refresh task, and the daemon's status file is left alone.
+    let tokens = TokenManager::probe(
+        &config.identities,
+        Arc::new(HttpTokenSource::new(http)),
+        store.map(Arc::new),
+        config.tokens.clone(),
+    );
     for account in &config.accounts {
         check_account(&mut report, &config, &tokens, &tls, account).await;
     }
@@ -201,7 +204,7 @@ fn check_store(report: &mut Report, config: &Config) -> Option<Store> {
         Err(e) => {
             report.fail(
                 &format!("store key: {e}"),
-                "run as the service's user or root; a new installation gets its key at the first start or `import-token`",
+                "run as the service's user or root; a new installation gets its key at the first start or `login`",
             );
             None
         }
@@ -218,9 +221,12 @@ async fn check_account(
     let upstream = &account.upstream;
     report.heading(&format!(
         "account {} ({} via {}:{}):",
-        account.name, account.mailbox, upstream.host, upstream.port
+        account.name,
+        account.mailbox.as_deref().unwrap_or(&account.username),
+        upstream.host,
+        upstream.port
     ));
-    let token = match tokens.token(&account.name).await {
+    let token = match tokens.token(&account.identity).await {
         Ok(token) => {
             let left = token
                 .expires_at
@@ -232,7 +238,10 @@ async fn check_account(
             Some(token)
         }
         Err(e) => {
-            report.fail(&format!("  access token: {e}"), &token_fix(account, &e));
+            report.fail(
+                &format!("  access token: {e}"),
+                &token_fix(config, account, &e),
+            );
             None
         }
     };
@@ -241,7 +250,7 @@ async fn check_account(
         settings: upstream,
         tls,
         ehlo_name: &config.server.hostname,
-        mailbox: &account.mailbox,
+        mailbox: account.mailbox.as_deref().unwrap_or(""),
         timeouts: config.timeouts,
     };
     let mut up = match Upstream::handshake(&target).await {
@@ -270,9 +279,13 @@ async fn check_account(
         return;
     }
     report.pass("  EHLO lists AUTH XOAUTH2");
-    match token {
-        Some(token) => authenticate(report, &mut up, account, &token).await,
-        None => report.skip("  AUTH XOAUTH2", "no access token"),
+    match (token, account.mailbox.as_deref()) {
+        (Some(token), Some(mailbox)) => authenticate(report, &mut up, mailbox, &token).await,
+        (Some(_), None) => report.skip(
+            "  AUTH XOAUTH2",
+            "a *@domain account names no single mailbox; add an exact account to check one",
+        ),
+        (None, _) => report.skip("  AUTH XOAUTH2", "no access token"),
     }
     up.quit().await;
 }
@@ -280,13 +293,12 @@ async fn check_account(
 async fn authenticate(
     report: &mut Report<'_>,
     up: &mut Upstream,
-    account: &Account,
+    mailbox: &str,
     token: &AccessToken,
 ) {
-    match up.authenticate(&account.mailbox, token).await {
+    match up.authenticate(mailbox, token).await {
         Ok(()) => report.pass(&format!(
-            "  AUTH XOAUTH2 accepted for {} (then QUIT; nothing sent)",
-            account.mailbox
+            "  AUTH XOAUTH2 accepted for {mailbox} (then QUIT; nothing sent)"
         )),
         Err(e) => {
             let fix = e
@@ -334,18 +346,24 @@ fn handshake_failed(report: &mut Report, account: &Account, e: &UpstreamError) {
     report.skip("  AUTH XOAUTH2", "no secure session");
 }
 
-fn token_fix(account: &Account, e: &TokenError) -> String {
-    if let Some(fix) = crate::hints::fix_for_text(&e.to_string()) {
-        return fix.to_string();
+fn token_fix(config: &Config, account: &Account, e: &TokenError) -> String {
+    if let TokenError::NeedsLogin { hint, .. } = e
+        && !hint.is_empty()
+    {
+        return hint.clone();
     }
+    if let Some(fix) = crate::hints::fix_for_text(&e.to_string()) {
+        return fix.replace("NAME", &account.identity);
+    }
+    let flow = config.identity(&account.identity).map(|i| i.oauth.flow);
     match e {
         TokenError::Transient { .. } => {
             "the token endpoint is unreachable or failing: check DNS, firewall and proxy for login.microsoftonline.com / oauth2.googleapis.com".into()
         }
-        _ if account.oauth.flow == Flow::RefreshToken => format!(
-            "obtain a new refresh token and run `smtp-oauth-bridge import-token {}`",
-            account.name
+        _ if flow == Some(Flow::RefreshToken) => format!(
+            "sign in with `smtp-oauth-bridge login {}`",
+            account.identity
         ),
-        _ => "check tenant, client_id and the client secret against the app registration".into(),
+        _ => "check tenant, client_id and the client secret or certificate against the app registration".into(),
     }
 }

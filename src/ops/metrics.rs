@@ -578,6 +578,9 @@ mod tests {
             "b",
             &Err(TokenError::NeedsLogin {
                 reason: "invalid_grant: AADSTS70008: expired".into(),
+                code: Some("invalid_grant".into()),
+                aadsts: Some(70008),
+                hint: String::new(),
             }),
         );
         let text = m.encode();
@@ -604,7 +607,9 @@ mod tests {
         assert_eq!(health.problems.len(), 1);
         assert_eq!(health.problems[0].account, "b");
         assert!(
-            health.problems[0].detail.contains("import-token"),
+            health.problems[0]
+                .detail
+                .contains("smtp-oauth-bridge login"),
             "{:?}",
             health
         );

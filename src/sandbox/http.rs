@@ -234,9 +234,11 @@ impl HttpResponse {
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        302 => "Found",
         400 => "Bad Request",
         401 => "Unauthorized",
         404 => "Not Found",
+        405 => "Method Not Allowed",
         411 => "Length Required",
         413 => "Payload Too Large",
         429 => "Too Many Requests",

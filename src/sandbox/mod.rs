@@ -7,7 +7,7 @@
 //! §2.1–2.9, so the bridge cannot tell the sandbox from the real services except by the CA.
 //!
 //! Map: [`ca`] makes certificates, [`registry`] records issued access tokens,
-//! [`token_endpoint`] answers OAuth token requests, [`office365`] accepts SMTP. Everything
+//! [`token_endpoint`] answers OAuth token, device-code and authorize requests, [`office365`] accepts SMTP. Everything
 //! binds `127.0.0.1:0`; nothing here dials out.
 
 pub mod ca;
@@ -37,7 +37,8 @@ pub use ca::SandboxCa;
 pub use office365::{AuthAttempt, Behaviour, Office365, Office365Config, Stage, StoredMessage};
 pub use registry::{IssuedToken, TokenRegistry};
 pub use token_endpoint::{
-    ClientRegistration, TokenEndpoint, TokenEndpointConfig, TokenFailure, TokenRequest,
+    AssertionSeen, ClientRegistration, TokenEndpoint, TokenEndpointConfig, TokenFailure,
+    TokenRequest,
 };
 
 /// The tenant the sandbox pretends to be; `.test` keeps it out of real DNS.

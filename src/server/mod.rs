@@ -1,11 +1,12 @@
-//! The daemon's serving side: start-up (sandbox, token store, TLS, token manager), the
-//! listeners and their accept loops with one tracing span per connection (`listeners`), the
-//! limits every client is held to (`limits`), configuration reloads, and the drain at
-//! shutdown. `session` is one client connection.
+//! The daemon's serving side: start-up (sandbox, token store, TLS, the token manager and its
+//! refresh task), the listeners and their accept loops with one tracing span per connection
+//! (`listeners`), the limits every client is held to (`limits`), configuration reloads, and the
+//! drain at shutdown. `session` is one client connection.
 //!
 //! Every session holds the [`Shared`] state that was current when it was accepted. A reload
 //! builds a new `Shared` and swaps it in for sessions accepted afterwards; sessions in flight
-//! keep theirs and finish undisturbed. A drain stops the listeners, lets sessions finish within
+//! keep theirs and finish undisturbed. The token manager is one for the life of the process:
+//! a reload reconfigures it, so tokens survive and one refresh task keeps running. A drain stops the listeners, lets sessions finish within
 //! the grace period (they refuse new work with 421 4.3.2), then tells the rest 421 and closes.
 
 pub mod limits;
@@ -20,7 +21,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, Provider};
-use crate::oauth::TokenManager;
+use crate::oauth::endpoint::Http;
+use crate::oauth::{HttpTokenSource, TokenManager, TokenSource};
 use crate::ops::Metrics;
 use crate::sandbox::Sandbox;
 use crate::store::Store;
@@ -32,7 +34,8 @@ const HARD_STOP: Duration = Duration::from_secs(2);
 /// What every session shares: read-only once built. A reload builds a new one.
 pub struct Shared {
     pub config: Config,
-    pub tokens: TokenManager,
+    /// The same manager in every `Shared` of the process.
+    pub tokens: Arc<TokenManager>,
     pub tls_client: Arc<rustls::ClientConfig>,
     /// Local password checks; one for the life of the process, so reloads keep its bounds.
     pub verifier: Arc<crate::users::Verifier>,
@@ -101,6 +104,7 @@ pub struct Bridge {
     from_systemd: bool,
     admin: Option<tokio::net::TcpListener>,
     metrics: Arc<Metrics>,
+    tokens: Arc<TokenManager>,
     lifecycle: watch::Sender<Lifecycle>,
     /// Kept alive for as long as the bridge runs.
     sandbox: Option<Sandbox>,
@@ -138,20 +142,49 @@ impl Bridge {
         let metrics = Arc::new(Metrics::new());
         let (lifecycle, _) = watch::channel(Lifecycle::Serving);
         let verifier = Arc::new(crate::users::Verifier::new());
+        let tls_client = crate::tls::client_config(config.extra_ca_file.as_deref(), extra_roots)?;
+        let store = match Store::open(&config.store.directory) {
+            Ok(store) => Some(Arc::new(store)),
+            // Only refresh tokens make the store indispensable; without it app-only tokens
+            // live in memory and `accounts` has no live state.
+            Err(e) if !config.needs_store() => {
+                tracing::warn!(
+                    error = %e,
+                    "state directory unavailable: tokens are kept in memory only and \
+                     `accounts` shows no live state"
+                );
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let tokens = Arc::new(
+            TokenManager::new(
+                &config.identities,
+                &config.accounts,
+                token_source(&tls_client, &config)?,
+                store,
+                config.tokens.clone(),
+            )
+            .with_metrics(metrics.clone()),
+        );
         let guard = limits::Guard::new(config.limits);
         let pool = Arc::new(crate::upstream::pool::Pool::new(
             &config,
             Some(metrics.clone()),
         ));
+        let lifelong = Lifelong {
+            verifier,
+            guard,
+            pool,
+        };
         let shared = build_shared(
             config,
-            extra_roots,
+            tls_client,
+            &tokens,
             &metrics,
-            &verifier,
-            &guard,
-            &pool,
+            lifelong,
             lifecycle.subscribe(),
-        )?;
+        );
         if let Some(local) = &shared.config.local_tls {
             warn_if_key_readable(&local.key_file);
         }
@@ -186,6 +219,7 @@ impl Bridge {
             from_systemd,
             admin,
             metrics,
+            tokens,
             lifecycle,
             sandbox,
         })
@@ -284,6 +318,10 @@ impl Bridge {
         if let Some(admin) = admin {
             admin.abort();
         }
+        // A refresh in flight finishes, so a refresh token the endpoint already rotated is
+        // stored rather than lost.
+        let wait = current(&self.current).config.timeouts.token_request;
+        self.tokens.shutdown(wait).await;
         drop(self.sandbox);
     }
 
@@ -298,20 +336,37 @@ impl Bridge {
         }
         let extra_roots = bind_sandbox(&mut config, self.sandbox.as_ref());
         let verifier = current(&self.current).verifier.clone();
+        let tls_client = crate::tls::client_config(config.extra_ca_file.as_deref(), extra_roots)
+            .map_err(|e| e.to_string())?;
+        let source = token_source(&tls_client, &config).map_err(|e| e.to_string())?;
         let guard = current(&self.current).guard.clone();
         let pool = current(&self.current).pool.clone();
+        let lifelong = Lifelong {
+            verifier,
+            guard,
+            pool,
+        };
         let shared = build_shared(
             config,
-            extra_roots,
+            tls_client,
+            &self.tokens,
             &self.metrics,
-            &verifier,
-            &guard,
-            &pool,
+            lifelong,
             self.lifecycle.subscribe(),
-        )
-        .map_err(|e| e.to_string())?;
+        );
         let old = current(&self.current);
         let mut changes = Vec::new();
+        for (what, changed) in [
+            ("[tokens]", shared.config.tokens != old.config.tokens),
+            (
+                "store.directory",
+                shared.config.store.directory != old.config.store.directory,
+            ),
+        ] {
+            if changed {
+                changes.push(format!("{what} changes take effect at the next restart"));
+            }
+        }
         if self.from_systemd {
             if shared.config.server.listen != old.config.server.listen {
                 changes.push("server.listen ignored: the sockets come from systemd".to_string());
@@ -356,6 +411,11 @@ impl Bridge {
             after.len(),
             list(after.iter().filter(|a| !before.contains(a))),
             list(before.iter().filter(|a| !after.contains(a))),
+        ));
+        changes.extend(self.tokens.reconfigure(
+            &shared.config.identities,
+            &shared.config.accounts,
+            Some(source),
         ));
         self.metrics.set_accounts(after.iter().copied());
         shared.guard.set_limits(shared.config.limits);
@@ -425,7 +485,8 @@ fn unhealthy_after(config: &Config) -> u32 {
         .unwrap_or(3)
 }
 
-/// Points sandbox accounts at the running stand-ins; returns the CA to trust for them.
+/// Points sandbox identities (and their accounts) at the running stand-ins; returns the CA to
+/// trust for them.
 pub(crate) fn bind_sandbox(
     config: &mut Config,
     sandbox: Option<&Sandbox>,
@@ -435,65 +496,83 @@ pub(crate) fn bind_sandbox(
     };
     let token_url = sandbox.token_endpoint.token_url(&sandbox.tenant);
     let secret = secrecy::SecretString::from(sandbox.client_secret.clone());
+    for identity in config
+        .identities
+        .iter_mut()
+        .filter(|i| i.provider == Provider::Sandbox)
+    {
+        // A configuration just checked is not shared yet.
+        if let Some(identity) = Arc::get_mut(identity) {
+            identity.bind_sandbox(
+                token_url.clone(),
+                sandbox.client_id.clone(),
+                &secret,
+                sandbox.office365.addr(),
+            );
+        }
+    }
     for account in config
         .accounts
         .iter_mut()
         .filter(|a| a.provider == Provider::Sandbox)
     {
-        crate::config::bind_sandbox_account(
-            account,
-            token_url.clone(),
-            sandbox.client_id.clone(),
-            &secret,
-            sandbox.office365.addr(),
-        );
+        if let Some(identity) = config
+            .identities
+            .iter()
+            .find(|i| i.name == account.identity)
+        {
+            account.upstream = identity.upstream.clone();
+        }
     }
     vec![sandbox.ca.ca_der()]
 }
 
-/// Everything a session needs from a checked configuration: TLS, the store, tokens.
+/// How the token manager reaches token endpoints: the TLS trust of the SMTP side.
+fn token_source(
+    tls_client: &Arc<rustls::ClientConfig>,
+    config: &Config,
+) -> Result<Arc<dyn TokenSource>, StartError> {
+    let http = Http::new(tls_client, config.timeouts.token_request).map_err(StartError::Other)?;
+    Ok(Arc::new(HttpTokenSource::new(http)))
+}
+
+/// The parts of [`Shared`] made once per process and carried over by every reload.
+struct Lifelong {
+    verifier: Arc<crate::users::Verifier>,
+    guard: Arc<limits::Guard>,
+    pool: Arc<crate::upstream::pool::Pool>,
+}
+
+/// Everything a session needs from a checked configuration.
 fn build_shared(
     config: Config,
-    extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    tls_client: Arc<rustls::ClientConfig>,
+    tokens: &Arc<TokenManager>,
     metrics: &Arc<Metrics>,
-    verifier: &Arc<crate::users::Verifier>,
-    guard: &Arc<limits::Guard>,
-    pool: &Arc<crate::upstream::pool::Pool>,
+    lifelong: Lifelong,
     lifecycle: watch::Receiver<Lifecycle>,
-) -> Result<Shared, StartError> {
-    for account in &config.accounts {
+) -> Shared {
+    for identity in &config.identities {
         tracing::info!(
-            account = %account.name,
-            provider = ?account.provider,
-            flow = ?account.oauth.flow,
-            upstream = %format!("{}:{}", account.upstream.host, account.upstream.port),
-            "account configured"
+            identity = %identity.name,
+            provider = ?identity.provider,
+            flow = %identity.oauth.flow,
+            credential = identity.oauth.credential.kind(),
+            upstream = %format!("{}:{}", identity.upstream.host, identity.upstream.port),
+            accounts = config.accounts_of(&identity.name).count(),
+            "identity configured"
         );
     }
-    let tls_client = crate::tls::client_config(config.extra_ca_file.as_deref(), extra_roots)?;
-    let store = if config.needs_store() {
-        Some(Arc::new(Store::open(&config.store.directory)?))
-    } else {
-        None
-    };
-    let tokens = TokenManager::new(
-        &config.accounts,
-        &tls_client,
-        config.timeouts.token_request,
-        store,
-    )
-    .map_err(StartError::Other)?
-    .with_metrics(metrics.clone());
-    Ok(Shared {
+    Shared {
         config,
-        tokens,
+        tokens: tokens.clone(),
         tls_client,
-        verifier: verifier.clone(),
-        guard: guard.clone(),
-        pool: pool.clone(),
+        verifier: lifelong.verifier,
+        guard: lifelong.guard,
+        pool: lifelong.pool,
         metrics: metrics.clone(),
         lifecycle,
-    })
+    }
 }
 
 /// The private key of the local listeners should be readable by the bridge alone.

@@ -52,11 +52,14 @@ impl Settings {
 /// How long a pooled session may take to answer NOOP before it is given up for a new one.
 const NOOP_LIMIT: Duration = Duration::from_secs(10);
 
-/// Which provider session an account's pool holds: a change of any of these in a reload makes
-/// a new pool, because sessions opened for the old values must not serve the new ones.
+/// Which provider sessions a pool holds: the identity whose token logged them in, the mailbox
+/// they logged in as (the provider counts sessions per mailbox), and the provider. Accounts
+/// that share an identity and mailbox share a pool; a `*@domain` account has one per
+/// mailbox. A reload that changes any of these for an account makes a new pool, because
+/// sessions opened for the old values must not serve the new ones.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
-    account: String,
+    identity: String,
     mailbox: String,
     host: String,
     port: u16,
@@ -64,14 +67,23 @@ struct Key {
 }
 
 impl Key {
-    fn of(account: &Account) -> Key {
+    fn of(account: &Account, mailbox: &str) -> Key {
         Key {
-            account: account.name.clone(),
-            mailbox: account.mailbox.clone(),
+            identity: account.identity.clone(),
+            mailbox: mailbox.to_ascii_lowercase(),
             host: account.upstream.host.clone(),
             port: account.upstream.port,
             implicit_tls: account.upstream.tls == UpstreamTls::Implicit,
         }
+    }
+
+    /// Whether `account` may still use sessions of this pool.
+    fn serves(&self, account: &Account) -> bool {
+        let mailbox_fits = match &account.mailbox {
+            Some(mailbox) => mailbox.eq_ignore_ascii_case(&self.mailbox),
+            None => account.mailbox_for(&self.mailbox).is_some(),
+        };
+        mailbox_fits && *self == Key::of(account, &self.mailbox)
     }
 }
 
@@ -164,9 +176,9 @@ impl Pool {
         Pool { inner }
     }
 
-    /// The pool of `account`, made on first use.
-    pub fn account(&self, account: &Account) -> AccountPool {
-        let key = Key::of(account);
+    /// The pool `account` uses when it sends as `mailbox`, made on first use.
+    pub fn account(&self, account: &Account, mailbox: &str) -> AccountPool {
+        let key = Key::of(account, mailbox);
         let settings = *lock(&self.inner.settings);
         let mut accounts = lock(&self.inner.accounts);
         let slot = accounts
@@ -176,16 +188,17 @@ impl Pool {
     }
 
     /// Applies a reloaded configuration. Idle sessions are closed: they were opened under the
-    /// old settings (TLS trust, EHLO name). An account whose provider, mailbox or
-    /// `max_sessions` changed gets a new pool; sessions lent from the old one finish their
-    /// transaction and are then closed, so for that moment the old and new caps add up.
+    /// old settings (TLS trust, EHLO name). A pool no account uses any more (its identity,
+    /// mailbox or provider changed), or whose `max_sessions` changed, is retired: sessions lent
+    /// from it finish their transaction and are then closed, so for that moment the old and
+    /// new caps add up.
     pub fn reconfigure(&self, config: &Config) {
         let settings = Settings::of(config);
         *lock(&self.inner.settings) = settings;
-        let keep: Vec<Key> = config.accounts.iter().map(Key::of).collect();
         let mut map = lock(&self.inner.accounts);
         map.retain(|key, slot| {
-            let stays = keep.contains(key) && slot.max_sessions == settings.pool.max_sessions;
+            let stays = config.accounts.iter().any(|a| key.serves(a))
+                && slot.max_sessions == settings.pool.max_sessions;
             if !stays {
                 slot.retired.store(true, Ordering::Relaxed);
             }

@@ -5,17 +5,19 @@
 
 #![allow(dead_code)]
 
+pub mod fakes;
+
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
+pub use fakes::Fakes;
 use smtp_oauth_bridge::config::Config;
 use smtp_oauth_bridge::io::Stream;
 use smtp_oauth_bridge::sandbox::{
-    ClientRegistration, Office365, Office365Config, SandboxCa, TokenEndpoint, TokenEndpointConfig,
-    TokenRegistry,
+    Office365, Office365Config, SandboxCa, TokenEndpoint, TokenEndpointConfig, TokenRegistry,
 };
 use smtp_oauth_bridge::server::{Bridge, Shared};
 use smtp_oauth_bridge::smtp::{Reply, parse_reply};
@@ -55,7 +57,9 @@ pub struct Options {
     pub flow: &'static str,
     /// Extra lines appended to the account's TOML table.
     pub account_extra: String,
-    /// Extra TOML appended at the end (more accounts, settings).
+    /// Extra TOML appended at the end (more accounts, settings). `{TOKEN_URL}`,
+    /// `{AUTHORITY}` and `{UPSTREAM}` stand for the fake endpoint's token URL and authority
+    /// and for the fake Office365.
     pub config_extra: String,
     /// Extra lines in the `[server]` table.
     pub server_extra: String,
@@ -67,6 +71,13 @@ pub struct Options {
     pub implicit_tls: bool,
     /// Whether the bridge is told to trust the test CA.
     pub trust_test_ca: bool,
+    /// Obtain the first token at start. Off by default: most stories count the token
+    /// requests that sessions cause, so none may happen before the first session.
+    pub prefetch: bool,
+    /// Extra lines for the `[tokens]` table.
+    pub tokens_extra: String,
+    /// The account's credential lines instead of `client_secret = "..."`.
+    pub credential: Option<String>,
     /// Give the bridge a certificate made at test time (`[tls] certificate_file`), so it
     /// offers STARTTLS.
     pub local_tls: bool,
@@ -89,6 +100,9 @@ impl Default for Options {
             import_refresh_token: true,
             implicit_tls: false,
             trust_test_ca: true,
+            prefetch: false,
+            tokens_extra: String::new(),
+            credential: None,
             local_tls: false,
             implicit_tls_listener: false,
             tweak: None,
@@ -110,6 +124,8 @@ pub struct Stage {
     pub shared: Arc<Shared>,
     /// The refresh token imported at start (refresh_token flow).
     pub imported_refresh_token: Option<String>,
+    /// The configuration the bridge runs with, as a file (for the command line).
+    pub config_path: std::path::PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<()>>,
 }
@@ -120,27 +136,19 @@ impl Stage {
     }
 
     pub async fn start_with(mut options: Options) -> Stage {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = SandboxCa::generate().unwrap();
-        let tls = ca.server_config(&["localhost", "127.0.0.1"]).unwrap();
-        let ca_file = dir.path().join("test-ca.pem");
-        std::fs::write(&ca_file, ca.ca_pem()).unwrap();
-
-        let registry = Arc::new(TokenRegistry::new());
-        options
-            .token_config
-            .clients
-            .push(ClientRegistration::new(CLIENT_ID, client_secret()));
-        let token_endpoint =
-            TokenEndpoint::start(tls.clone(), registry.clone(), options.token_config)
-                .await
-                .unwrap();
-        let office365 = if options.implicit_tls {
-            Office365::start_implicit_tls(tls, registry.clone(), options.office365).await
-        } else {
-            Office365::start(tls, registry.clone(), options.office365).await
-        }
-        .unwrap();
+        let Fakes {
+            dir,
+            ca,
+            ca_file,
+            registry,
+            token_endpoint,
+            office365,
+        } = Fakes::start_with(
+            std::mem::take(&mut options.token_config),
+            std::mem::take(&mut options.office365),
+            options.implicit_tls,
+        )
+        .await;
         let upstream_tls = if options.implicit_tls {
             "implicit"
         } else {
@@ -189,13 +197,17 @@ hostname = "bridge.test"
 [store]
 directory = "{store}"
 
+[tokens]
+prefetch = {prefetch}
+{tokens_extra}
+
 [[accounts]]
 name = "printer"
 username = "{USER}"
 password_hash = "{hash}"
 tenant = "{TENANT}"
 client_id = "{CLIENT_ID}"
-client_secret = "{secret}"
+{credential}
 flow = "{flow}"
 token_url = "{token_url}"
 upstream = "127.0.0.1:{port}"
@@ -205,19 +217,33 @@ upstream_tls = "{upstream_tls}"
 "#,
             store = store_dir.display(),
             hash = password_hash(),
-            secret = client_secret(),
+            credential = options
+                .credential
+                .unwrap_or_else(|| format!("client_secret = \"{}\"", client_secret())),
             flow = options.flow,
             token_url = token_endpoint.token_url(TENANT),
             port = office365.addr().port(),
+            prefetch = options.prefetch,
+            tokens_extra = options.tokens_extra,
             account_extra = options.account_extra,
             config_extra = options.config_extra,
             server_extra = options.server_extra,
         );
+        // Extra tables may name the stand-ins through placeholders.
+        let toml = toml
+            .replace("{TOKEN_URL}", &token_endpoint.token_url(TENANT))
+            .replace("{AUTHORITY}", &token_endpoint.authority_url())
+            .replace(
+                "{UPSTREAM}",
+                &format!("127.0.0.1:{}", office365.addr().port()),
+            );
         let mut config =
             Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("test config: {e}"));
         if let Some(tweak) = options.tweak.take() {
             tweak(&mut config);
         }
+        let config_path = dir.path().join("proxy.toml");
+        std::fs::write(&config_path, &toml).unwrap();
 
         let mut imported_refresh_token = None;
         if options.flow == "refresh_token" && options.import_refresh_token {
@@ -255,6 +281,7 @@ upstream_tls = "{upstream_tls}"
             local_cert_pem,
             shared,
             imported_refresh_token,
+            config_path,
             stop: Some(stop),
             served: Some(served),
         }
@@ -271,6 +298,25 @@ upstream_tls = "{upstream_tls}"
         let r = c.auth_plain(USER, PASSWORD).await;
         assert_eq!(r.code(), 235, "AUTH: {}", r.text());
         c
+    }
+
+    /// An HTTPS client that trusts the test CA and follows no redirects (a test browser).
+    pub fn browser(&self) -> reqwest::Client {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.ca_der()).unwrap();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
     }
 
     pub fn store(&self) -> smtp_oauth_bridge::store::Store {
@@ -425,6 +471,43 @@ impl SmtpClient {
             Ok(Ok(0)) | Ok(Err(_))
         )
     }
+}
+
+/// An RSA key and self-signed certificate made now with `openssl` (ring cannot generate RSA
+/// keys), in one PEM file as an administrator would make it for an app registration.
+pub fn rsa_certificate(
+    dir: &std::path::Path,
+    name: &str,
+) -> (
+    std::path::PathBuf,
+    rustls_pki_types::CertificateDer<'static>,
+) {
+    use rustls_pki_types::pem::PemObject;
+    let key = dir.join(format!("{name}.key"));
+    let cert = dir.join(format!("{name}.crt"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+        ])
+        .arg(format!("/CN={name}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is needed to make a test certificate (apt-get install openssl)");
+    assert!(status.success(), "openssl req failed");
+    let pem = dir.join(format!("{name}.pem"));
+    let both = format!(
+        "{}{}",
+        std::fs::read_to_string(&cert).unwrap(),
+        std::fs::read_to_string(&key).unwrap()
+    );
+    std::fs::write(&pem, both).unwrap();
+    let der = rustls_pki_types::CertificateDer::from_pem_file(&cert).unwrap();
+    (pem, der)
 }
 
 /// EHLO lines as strings, for capability checks.

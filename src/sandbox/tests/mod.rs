@@ -2,6 +2,7 @@
 //! against the token endpoint, and a hand-written tokio-rustls SMTP client against the
 //! Office365 stand-in. Shared fixtures live here.
 
+mod interactive;
 mod office365;
 mod sandbox;
 mod token_endpoint;
@@ -73,6 +74,8 @@ pub(super) async fn entra(adjust: impl FnOnce(&mut TokenEndpointConfig)) -> Entr
         .unwrap();
     let http = reqwest::Client::builder()
         .tls_backend_preconfigured(client_config(&ca))
+        // The authorize endpoint's redirect is what the tests look at.
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(STEP)
         .build()
         .unwrap();

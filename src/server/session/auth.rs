@@ -95,10 +95,8 @@ impl Session {
     async fn check_credentials(&mut self, credentials: Credentials) -> Result<(), End> {
         let Credentials { username, password } = credentials;
         let config = &self.shared.config;
-        let index = config
-            .accounts
-            .iter()
-            .position(|a| a.username == username.to_ascii_lowercase());
+        let found = config.find_account(&username);
+        let index = found.as_ref().map(|(i, _)| *i);
         let hash = index.map(|i| config.accounts[i].password_hash.as_str());
         let source = self.peer.ip();
         let verified = self
@@ -123,9 +121,10 @@ impl Session {
             return self.error_reply(535, "5.7.8", "Authentication credentials invalid");
         }
         self.shared.guard.login_succeeded(source);
-        let Some(index) = index else {
+        let Some((index, mailbox)) = found else {
             unreachable!("verify() never accepts an unknown user");
         };
+        self.mailbox = Some(mailbox);
         let account_name = self.shared.config.accounts[index].name.clone();
         tracing::Span::current().record("account", account_name.as_str());
         tracing::debug!("local authentication succeeded");
@@ -149,12 +148,13 @@ impl Session {
     async fn check_upstream(&mut self, index: usize) -> Result<(), Reply> {
         let shared = self.shared.clone();
         let account = &shared.config.accounts[index];
-        let pool = shared.pool.account(account);
+        let mailbox = self.mailbox_of(account);
+        let pool = shared.pool.account(account, &mailbox);
         if pool.is_warm() {
             return Ok(());
         }
         match pool
-            .acquire(async || Box::pin(open_session(&shared, account)).await)
+            .acquire(async || Box::pin(open_session(&shared, account, &mailbox)).await)
             .await
         {
             Ok(lease) => {
@@ -171,9 +171,10 @@ impl Session {
     pub(super) async fn lease(&mut self, index: usize) -> Result<Lease, Reply> {
         let shared = self.shared.clone();
         let account = &shared.config.accounts[index];
-        let pool = shared.pool.account(account);
+        let mailbox = self.mailbox_of(account);
+        let pool = shared.pool.account(account, &mailbox);
         match pool
-            .acquire(async || Box::pin(open_session(&shared, account)).await)
+            .acquire(async || Box::pin(open_session(&shared, account, &mailbox)).await)
             .await
         {
             Ok(lease) => Ok(lease),
@@ -192,6 +193,16 @@ impl Session {
             Err(AcquireError::Open(OpenFailure::Refused(reply))) => Err(reply),
         }
     }
+
+    /// The address the provider session logs in as (XOAUTH2's `user=`): the one the client
+    /// logged in with for a `*@domain` account, else the account's.
+    fn mailbox_of(&self, account: &Account) -> String {
+        self.mailbox
+            .as_deref()
+            .or(account.mailbox.as_deref())
+            .unwrap_or_default()
+            .to_string()
+    }
 }
 
 /// Why no provider session could be opened.
@@ -206,8 +217,12 @@ enum OpenFailure {
 /// Gets a token and opens an authenticated provider session. A token the provider refuses is
 /// replaced once by a fresh one. Callers box this future: it is large (TLS handshake, token
 /// request) and rarely needed, and every session's task would otherwise reserve room for it.
-async fn open_session(shared: &Shared, account: &Account) -> Result<Upstream, OpenFailure> {
-    let mut token = match shared.tokens.token(&account.name).await {
+async fn open_session(
+    shared: &Shared,
+    account: &Account,
+    mailbox: &str,
+) -> Result<Upstream, OpenFailure> {
+    let mut token = match shared.tokens.token(&account.identity).await {
         Ok(token) => token,
         Err(e) => return Err(OpenFailure::Refused(token_error_reply(shared, &e))),
     };
@@ -215,7 +230,7 @@ async fn open_session(shared: &Shared, account: &Account) -> Result<Upstream, Op
         settings: &account.upstream,
         tls: &shared.tls_client,
         ehlo_name: &shared.config.server.hostname,
-        mailbox: &account.mailbox,
+        mailbox,
         timeouts: shared.config.timeouts,
     };
     let mut refreshed = false;
@@ -253,7 +268,7 @@ async fn open_session(shared: &Shared, account: &Account) -> Result<Upstream, Op
             // for it): get a fresh one and try once more.
             tracing::warn!(account = %account.name, error = %e, "upstream refused the access token; fetching a new one");
             refreshed = true;
-            token = match shared.tokens.replace(&account.name, &token).await {
+            token = match shared.tokens.replace(&account.identity, &token).await {
                 Ok(t) => t,
                 Err(e) => return Err(OpenFailure::Refused(token_error_reply(shared, &e))),
             };
@@ -285,7 +300,10 @@ fn token_error_reply(shared: &Shared, e: &TokenError) -> Reply {
         ),
         TokenError::NeedsLogin { .. } | TokenError::Setup { .. } => Reply::new(
             535,
-            "5.7.8 Authentication credentials invalid: this account needs its administrator (see the bridge log)",
+            &format!(
+                "5.7.8 Authentication credentials invalid: {}",
+                e.short_reason()
+            ),
         ),
     }
 }

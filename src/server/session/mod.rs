@@ -44,6 +44,9 @@ pub struct Session {
     extended: bool,
     /// The account the client logged in as.
     account: Option<usize>,
+    /// The mailbox it sends as (XOAUTH2 `user=`) when the account admits several
+    /// (`*@domain`); otherwise the account's own.
+    mailbox: Option<String>,
     /// The account this source address sends as without logging in (`no_auth_sources`).
     no_auth: Option<usize>,
     /// The provider session lent for the transaction in progress; none between transactions.
@@ -70,6 +73,7 @@ impl Session {
             greeted: false,
             extended: false,
             account: None,
+            mailbox: None,
             no_auth,
             upstream: None,
             transaction: None,

@@ -1,0 +1,384 @@
+//! Stories of identities against the fake Entra and Office365: local users sharing one
+//! identity, a whole domain behind one app-only identity, certificate credentials, tokens
+//! obtained at start and shown by `accounts`, a slow token endpoint that clients never wait
+//! for long, and a token the provider refuses before it expires.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{CLIENT_ID, Options, PASSWORD, Stage, TENANT, USER};
+use secrecy::ExposeSecret;
+use smtp_oauth_bridge::oauth::State;
+use smtp_oauth_bridge::sandbox::{ClientRegistration, TokenEndpointConfig};
+
+/// An app-only identity shared by two devices and by every mailbox of contoso.com.
+fn shared_identity() -> String {
+    let hash = common::password_hash();
+    format!(
+        r#"
+[[identities]]
+name = "contoso-app"
+tenant = "{TENANT}"
+client_id = "{CLIENT_ID}"
+client_secret = "{secret}"
+token_url = "{{TOKEN_URL}}"
+upstream = "{{UPSTREAM}}"
+upstream_tls = "starttls"
+
+[[accounts]]
+name = "front-desk"
+username = "frontdesk"
+password_hash = "{hash}"
+mailbox = "reception@contoso.com"
+identity = "contoso-app"
+
+[[accounts]]
+name = "back-office"
+username = "backoffice"
+password_hash = "{hash}"
+mailbox = "reception@contoso.com"
+identity = "contoso-app"
+
+[[accounts]]
+name = "everyone"
+username = "*@contoso.com"
+password_hash = "{hash}"
+identity = "contoso-app"
+"#,
+        secret = common::client_secret()
+    )
+}
+
+async fn stage_with_shared_identity() -> Stage {
+    Stage::start_with(Options {
+        config_extra: shared_identity(),
+        ..Options::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn devices_and_a_whole_domain_share_one_identity_and_one_token() {
+    let stage = stage_with_shared_identity().await;
+    for (user, mailbox) in [
+        ("frontdesk", "reception@contoso.com"),
+        ("BackOffice", "reception@contoso.com"),
+        ("alice@contoso.com", "alice@contoso.com"),
+        ("Bob@Contoso.com", "bob@contoso.com"),
+    ] {
+        let mut c = stage.client().await;
+        c.ehlo().await;
+        let r = c.auth_plain(user, PASSWORD).await;
+        assert_eq!(r.code(), 235, "{user}: {}", r.text());
+        let r = c
+            .send_message(mailbox, &["x@example.com"], b"Subject: hi\r\n\r\nhi\r\n")
+            .await;
+        assert_eq!(r.code(), 250, "{user}: {}", r.text());
+        assert_eq!(c.cmd("QUIT").await.code(), 221);
+    }
+    let attempts = stage.office365.auth_attempts();
+    let users: Vec<&str> = attempts.iter().filter_map(|a| a.user.as_deref()).collect();
+    // The two devices sending as reception@ share that mailbox's pooled provider session.
+    assert_eq!(
+        users,
+        vec![
+            "reception@contoso.com",
+            "alice@contoso.com",
+            "bob@contoso.com"
+        ],
+        "each sends as its own mailbox in user="
+    );
+    assert!(
+        attempts.windows(2).all(|w| w[0].token == w[1].token),
+        "one token"
+    );
+    assert_eq!(
+        stage.token_endpoint.request_count(),
+        1,
+        "one request per identity"
+    );
+    assert_eq!(stage.shared.tokens.request_count("contoso-app"), 1);
+
+    // A wrong password for a domain mailbox, or a mailbox of another domain, gets nothing.
+    let mut c = stage.client().await;
+    c.ehlo().await;
+    assert_eq!(c.auth_plain("carol@contoso.com", "wrong").await.code(), 535);
+    assert_eq!(
+        c.auth_plain("carol@fabrikam.com", PASSWORD).await.code(),
+        535
+    );
+    assert_eq!(stage.token_endpoint.request_count(), 1);
+}
+
+#[tokio::test]
+async fn a_certificate_signs_the_client_assertion_in_either_header_style() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, der) = common::rsa_certificate(dir.path(), "bridge-app");
+    for (style, alg) in [("x5t#S256", "PS256"), ("x5t", "RS256")] {
+        let stage = Stage::start_with(Options {
+            credential: Some(format!(
+                "client_certificate = \"{}\"\ncertificate_thumbprint = \"{style}\"\n\
+                 assertion_algorithm = \"{alg}\"",
+                pem.display()
+            )),
+            token_config: TokenEndpointConfig {
+                clients: vec![ClientRegistration::with_certificate(CLIENT_ID, der.clone())],
+                ..TokenEndpointConfig::default()
+            },
+            ..Options::default()
+        })
+        .await;
+        let mut c = stage.logged_in().await;
+        let r = c
+            .send_message(USER, &["a@example.com"], b"Subject: cert\r\n\r\nhi\r\n")
+            .await;
+        assert_eq!(r.code(), 250);
+        let requests = stage.token_endpoint.requests();
+        let request = &requests[0];
+        assert!(!request.secret_sent, "no secret with a certificate");
+        let assertion = request.assertion.as_ref().expect("an assertion was sent");
+        assert!(assertion.valid, "{assertion:?}");
+        assert_eq!(assertion.alg, alg);
+        assert_eq!(assertion.thumbprint_header, style);
+        assert!(assertion.lifetime_secs > 0 && assertion.lifetime_secs <= 600);
+    }
+
+    // A certificate the application does not know: the identity needs an administrator.
+    let (other, _) = common::rsa_certificate(dir.path(), "unknown-app");
+    let stage = Stage::start_with(Options {
+        credential: Some(format!("client_certificate = \"{}\"", other.display())),
+        token_config: TokenEndpointConfig {
+            clients: vec![ClientRegistration::with_certificate(CLIENT_ID, der)],
+            ..TokenEndpointConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let mut c = stage.client().await;
+    c.ehlo().await;
+    let r = c.auth_plain(USER, PASSWORD).await;
+    assert_eq!(
+        (r.code(), r.enhanced()),
+        (535, Some("5.7.8")),
+        "{}",
+        r.text()
+    );
+    assert!(r.text().contains("credential is refused"), "{}", r.text());
+    let status = &stage.shared.tokens.status()[0];
+    assert_eq!(status.state, State::NeedsLogin);
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("AADSTS700027")
+    );
+    assert!(
+        status
+            .hint
+            .as_deref()
+            .unwrap()
+            .contains("upload the certificate")
+    );
+}
+
+/// Waits (briefly, on the real clock) until `check` holds.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn tokens_obtained_at_start_and_accounts_shows_them_without_secrets() {
+    let stage = Stage::start_with(Options {
+        prefetch: true,
+        config_extra: format!(
+            "[[accounts]]\nname = \"alerts\"\nusername = \"alerts@contoso.com\"\npassword_hash = \"{}\"\n\
+             tenant = \"{TENANT}\"\nclient_id = \"{CLIENT_ID}\"\nflow = \"refresh_token\"\n\
+             token_url = \"https://127.0.0.1:9/t/oauth2/v2.0/token\"\n",
+            common::password_hash()
+        ),
+        ..Options::default()
+    })
+    .await;
+    eventually("the token at start", || {
+        stage.shared.tokens.status()[0].state == State::Ok
+    })
+    .await;
+    assert_eq!(
+        stage.token_endpoint.request_count(),
+        1,
+        "before any session"
+    );
+    let status_file = stage.dir.path().join("state/status.json");
+    eventually("the status file", || {
+        std::fs::read_to_string(&status_file).is_ok_and(|t| t.contains("needs-login"))
+    })
+    .await;
+
+    let out = Command::new(env!("CARGO_BIN_EXE_smtp-oauth-bridge"))
+        .arg("--config")
+        .arg(&stage.config_path)
+        .arg("accounts")
+        .env_remove("SMTP_OAUTH_BRIDGE_CONFIG")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("daemon running"), "{text}");
+    let printer = text.lines().find(|l| l.starts_with("printer")).unwrap();
+    assert!(
+        printer.contains("client_credentials") && printer.contains(" ok "),
+        "{printer}"
+    );
+    assert!(
+        printer.contains("in 59m") || printer.contains("in 1h"),
+        "{printer}"
+    );
+    let alerts = text.lines().find(|l| l.starts_with("alerts")).unwrap();
+    assert!(alerts.contains("needs-login"), "{alerts}");
+    assert!(
+        text.contains("hint: run `smtp-oauth-bridge login alerts`"),
+        "{text}"
+    );
+
+    let token = stage.shared.tokens.token("printer").await.unwrap();
+    let status_text = std::fs::read_to_string(&status_file).unwrap();
+    for secret in [token.secret.expose_secret(), common::client_secret()] {
+        assert!(!text.contains(secret) && !status_text.contains(secret));
+    }
+}
+
+#[tokio::test]
+async fn a_slow_token_endpoint_never_keeps_a_client_waiting_long() {
+    let stage = Stage::start().await;
+    stage.token_endpoint.set_delay(Duration::from_secs(4));
+    let mut c = stage.client().await;
+    c.ehlo().await;
+    let asked = Instant::now();
+    let r = c.auth_plain(USER, PASSWORD).await;
+    assert_eq!(
+        (r.code(), r.enhanced()),
+        (454, Some("4.7.0")),
+        "{}",
+        r.text()
+    );
+    let waited = asked.elapsed();
+    assert!(waited < Duration::from_secs(3), "answered after {waited:?}");
+    // The request carried on; once it is answered the next login finds the token.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let asked = Instant::now();
+    assert_eq!(c.auth_plain(USER, PASSWORD).await.code(), 235);
+    assert!(asked.elapsed() < Duration::from_secs(2));
+    assert_eq!(stage.token_endpoint.request_count(), 1);
+}
+
+#[tokio::test]
+async fn a_token_the_provider_refuses_is_replaced_once_on_a_new_connection() {
+    let stage = Stage::start_with(Options {
+        prefetch: true,
+        ..Options::default()
+    })
+    .await;
+    eventually("the token at start", || {
+        stage.token_endpoint.request_count() == 1
+    })
+    .await;
+    // Revoked before its expiry: the bridge still believes in it.
+    let believed = stage.shared.tokens.token("printer").await.unwrap();
+    assert!(stage.registry.revoke(believed.secret.expose_secret()));
+    let mut c = stage.logged_in().await;
+    let r = c
+        .send_message(USER, &["a@example.com"], b"Subject: retry\r\n\r\nhi\r\n")
+        .await;
+    assert_eq!(r.code(), 250);
+    let attempts = stage.office365.auth_attempts();
+    assert_eq!(attempts.len(), 2);
+    assert!(!attempts[0].token_ok && attempts[1].token_ok);
+    assert_eq!(
+        stage.office365.sessions(),
+        2,
+        "the retry used a new connection"
+    );
+    assert_eq!(
+        stage.token_endpoint.request_count(),
+        2,
+        "one forced refresh"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_keeps_tokens_of_unchanged_identities_and_retries_a_fixed_one() {
+    use smtp_oauth_bridge::config::Config;
+    use smtp_oauth_bridge::server::{Bridge, Control};
+
+    let stage = Stage::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config_text = |secret: &str| {
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[tls]\nextra_ca_file = \"{ca}\"\n\
+             [store]\ndirectory = \"{state}\"\n\
+             [[identities]]\nname = \"good\"\ntenant = \"{TENANT}\"\nclient_id = \"{CLIENT_ID}\"\n\
+             client_secret = \"{good}\"\ntoken_url = \"{url}\"\nupstream = \"{up}\"\n\
+             [[identities]]\nname = \"fixable\"\ntenant = \"{TENANT}\"\nclient_id = \"{CLIENT_ID}\"\n\
+             client_secret = \"{secret}\"\ntoken_url = \"{url}\"\nupstream = \"{up}\"\n\
+             [[accounts]]\nusername = \"a@contoso.com\"\npassword_hash = \"{hash}\"\nidentity = \"good\"\n\
+             [[accounts]]\nusername = \"b@contoso.com\"\npassword_hash = \"{hash}\"\nidentity = \"fixable\"\n",
+            ca = stage.dir.path().join("ca.pem").display(),
+            state = dir.path().display(),
+            good = common::client_secret(),
+            url = stage.token_endpoint.token_url(TENANT),
+            up = format!("127.0.0.1:{}", stage.office365.addr().port()),
+            hash = common::password_hash(),
+        )
+    };
+    let bridge = Bridge::start(Config::from_toml_str(&config_text("not-the-secret")).unwrap())
+        .await
+        .unwrap();
+    let shared = bridge.shared();
+    let (control, requests) = tokio::sync::mpsc::channel(1);
+    let running = tokio::spawn(bridge.run(requests));
+    let state_of = |name: &str| {
+        shared
+            .tokens
+            .status()
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(|s| s.state)
+    };
+    eventually("both identities tried", || {
+        state_of("good") == Some(State::Ok) && state_of("fixable") == Some(State::NeedsLogin)
+    })
+    .await;
+    assert_eq!(stage.token_endpoint.request_count(), 2);
+
+    let fixed = Config::from_toml_str(&config_text(common::client_secret())).unwrap();
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    control
+        .send(Control::Reload(Box::new(fixed), answer))
+        .await
+        .unwrap_or_else(|_| panic!("the bridge runs"));
+    let summary = answered.await.unwrap().unwrap();
+    assert!(summary.contains("identity fixable changed"), "{summary}");
+    assert!(!summary.contains("identity good"), "{summary}");
+    eventually("the fixed identity works", || {
+        state_of("fixable") == Some(State::Ok)
+    })
+    .await;
+    assert_eq!(
+        stage.token_endpoint.request_count(),
+        3,
+        "the unchanged identity kept its token; the fixed one was tried at once"
+    );
+    drop(control);
+    running.await.unwrap();
+}
