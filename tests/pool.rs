@@ -130,10 +130,40 @@ async fn a_session_that_carried_max_messages_is_closed_politely() {
     .await;
     for n in 0..5 {
         assert_eq!(one_message_visit(&stage, n).await, 250);
+        // A worn-out session is replaced in the background; the next visit comes once the
+        // replacement is in the pool.
+        assert!(eventually(|| stage.shared.pool.idle_count() == 1).await);
     }
     assert_eq!(stage.office365.messages().len(), 5);
+    assert_eq!(count(&stage.office365.commands(), "QUIT"), 2);
     assert_eq!(stage.office365.sessions(), 3, "2 + 2 + 1 messages");
+    let metrics = stage.shared.metrics.encode();
+    let opened =
+        "smtp_oauth_bridge_upstream_sessions_total{account=\"printer\",event=\"opened\"} 3";
+    assert!(metrics.lines().any(|l| l == opened), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_worn_out_session_is_replaced_before_the_next_client_needs_it() {
+    let stage = Stage::start_with(common::Options {
+        tweak: Some(Box::new(|c| {
+            c.pool.max_messages = 1;
+        })),
+        ..common::Options::default()
+    })
+    .await;
+    assert_eq!(one_message_visit(&stage, 0).await, 250);
+    // The session that carried the message is closed, and a new one is opened and pooled
+    // with no client waiting.
+    assert!(eventually(|| count(&stage.office365.commands(), "QUIT") == 1).await);
+    assert!(eventually(|| stage.shared.pool.idle_count() == 1).await);
+    assert_eq!(stage.office365.sessions(), 2);
+    // The next visit takes it, and its replacement is ready in turn.
+    assert_eq!(one_message_visit(&stage, 1).await, 250);
     assert!(eventually(|| count(&stage.office365.commands(), "QUIT") == 2).await);
+    assert!(eventually(|| stage.shared.pool.idle_count() == 1).await);
+    assert_eq!(stage.office365.sessions(), 3);
+    assert_eq!(stage.office365.messages().len(), 2);
 }
 
 #[tokio::test]

@@ -10,8 +10,9 @@
 //! with `432 4.3.2`). A transaction that finds no idle session and no permit waits, up to
 //! `pool.wait`, for one to come back.
 //!
-//! Sessions leave the pool when they are older than `max_age`, have carried `max_messages`, or
-//! sat idle for `max_idle`; an idle one that the provider has since spoken on or closed is
+//! Sessions leave the pool when they are older than `max_age`, have carried `max_messages`
+//! (then a replacement is opened in the background right away, so a busy account keeps a warm
+//! session), or sat idle for `max_idle`; an idle one that the provider has since spoken on or closed is
 //! dropped unused, and one idle longer than `noop_after` must answer NOOP first. A session that
 //! failed, got a 421, or was abandoned mid-message is never returned: dropping its [`Lease`]
 //! closes it. The pool does not know how sessions are opened (tokens, TLS): callers pass the
@@ -21,6 +22,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -113,6 +115,8 @@ struct Slot {
     lent: AtomicUsize,
     /// Replaced by a reload: returned sessions are closed instead of kept.
     retired: AtomicBool,
+    /// How to open a replacement; set by the first transaction after start or a reload.
+    opener: Mutex<Option<Opener>>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -129,6 +133,12 @@ struct Pooled {
     /// session until then.
     _permit: OwnedSemaphorePermit,
 }
+
+/// Opens a new session for a pool without a client waiting: the replacement of one that wore
+/// out (`max_messages`, `upstream_max_age`) right after it served a transaction. `None` when it
+/// could not (the failure is logged by the opener).
+pub type Opener =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Option<Upstream>> + Send>> + Send + Sync>;
 
 /// Why no session could be lent.
 #[derive(Debug)]
@@ -203,6 +213,8 @@ impl Pool {
                 slot.retired.store(true, Ordering::Relaxed);
             }
             *lock(&slot.settings) = settings;
+            // The opener belongs to the old configuration; the next transaction sets a new one.
+            *lock(&slot.opener) = None;
             slot.close_idle(|_| true);
             stays
         });
@@ -215,6 +227,7 @@ impl Pool {
         let mut quits = tokio::task::JoinSet::new();
         for slot in slots {
             slot.retired.store(true, Ordering::Relaxed);
+            *lock(&slot.opener) = None;
             let idle: Vec<Idle> = lock(&slot.idle).drain(..).collect();
             for entry in idle {
                 slot.event("closed");
@@ -244,6 +257,7 @@ impl Slot {
             returned: Notify::new(),
             lent: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
+            opener: Mutex::new(None),
             metrics,
         })
     }
@@ -296,11 +310,17 @@ impl Slot {
         }
     }
 
-    /// Keeps a session that ended its transaction cleanly, or closes it when it is worn out.
-    fn put_back(&self, session: Pooled) {
+    /// Keeps a session that ended its transaction cleanly. One that is worn out is closed and,
+    /// since its account is evidently busy, replaced in the background, so the next client
+    /// finds a warm session instead of waiting for TLS and AUTH.
+    fn put_back(self: &Arc<Self>, session: Pooled) {
         let settings = self.settings();
-        if self.retired.load(Ordering::Relaxed) || self.worn_out(&session, &settings) {
+        if self.retired.load(Ordering::Relaxed) {
             self.close(session);
+            return;
+        }
+        if self.worn_out(&session, &settings) {
+            self.replace(session);
             return;
         }
         lock(&self.idle).push(Idle {
@@ -308,6 +328,43 @@ impl Slot {
             since: Instant::now(),
         });
         self.returned.notify_one();
+    }
+
+    /// Says QUIT, then opens a replacement (after the old session is gone, so the provider
+    /// never counts one more than the cap).
+    fn replace(self: &Arc<Self>, session: Pooled) {
+        self.event("closed");
+        let slot = self.clone();
+        tokio::spawn(async move {
+            let Pooled {
+                upstream, _permit, ..
+            } = session;
+            upstream.quit().await;
+            drop(_permit);
+            slot.refill().await;
+        });
+    }
+
+    async fn refill(self: &Arc<Self>) {
+        let opener = lock(&self.opener).clone();
+        let Some(opener) = opener else {
+            return;
+        };
+        if self.retired.load(Ordering::Relaxed) {
+            return;
+        }
+        // At the cap, the sessions there are serve the next clients.
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return;
+        };
+        if let Some(upstream) = opener().await {
+            self.event("opened");
+            self.put_back(Pooled {
+                upstream,
+                messages: 0,
+                _permit: permit,
+            });
+        }
     }
 
     /// Says QUIT in the background; the permit is released once the connection is closed.
@@ -393,6 +450,14 @@ impl AccountPool {
                 Ok(Lease::new(session, slot, false))
             }
             Err(e) => Err(AcquireError::Open(e)),
+        }
+    }
+
+    /// Sets how this pool opens replacements, unless it knows already.
+    pub fn set_opener_if_missing(&self, make: impl FnOnce() -> Opener) {
+        let mut opener = lock(&self.slot.opener);
+        if opener.is_none() {
+            *opener = Some(make());
         }
     }
 

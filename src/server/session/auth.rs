@@ -2,6 +2,8 @@
 //! address) and what it unlocks: authenticated sessions with the provider, opened with the
 //! account's access token and lent from the account's pool, one per transaction.
 
+use std::sync::Arc;
+
 use super::client::{End, Input};
 use super::{AUTH_LINE_LIMIT, Session};
 use crate::config::Account;
@@ -10,7 +12,7 @@ use crate::ops::metrics::AuthFailure;
 use crate::server::Shared;
 use crate::smtp::Reply;
 use crate::smtp::sasl::{Credentials, Exchange, Failure, Mechanism, SaslError, Step};
-use crate::upstream::pool::{AcquireError, Lease};
+use crate::upstream::pool::{AcquireError, Lease, Opener};
 use crate::upstream::{Phase, Target, Upstream, UpstreamError};
 
 impl Session {
@@ -173,6 +175,7 @@ impl Session {
         let account = &shared.config.accounts[index];
         let mailbox = self.mailbox_of(account);
         let pool = shared.pool.account(account, &mailbox);
+        pool.set_opener_if_missing(|| opener(&shared, index, &mailbox));
         match pool
             .acquire(async || Box::pin(open_session(&shared, account, &mailbox)).await)
             .await
@@ -203,6 +206,21 @@ impl Session {
             .unwrap_or_default()
             .to_string()
     }
+}
+
+/// How the pool opens a replacement session for `index` sending as `mailbox`, with no client
+/// waiting. It holds the configuration weakly: after a reload the pool asks for a new one.
+fn opener(shared: &Arc<Shared>, index: usize, mailbox: &str) -> Opener {
+    let shared = Arc::downgrade(shared);
+    let mailbox = mailbox.to_string();
+    Arc::new(move || {
+        let (shared, mailbox) = (shared.clone(), mailbox.clone());
+        Box::pin(async move {
+            let shared = shared.upgrade()?;
+            let account = shared.config.accounts.get(index)?;
+            open_session(&shared, account, &mailbox).await.ok()
+        })
+    })
 }
 
 /// Why no provider session could be opened.
