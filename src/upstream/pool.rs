@@ -51,6 +51,10 @@ impl Settings {
     }
 }
 
+/// A session this close to `max_age` when lent (at most a tenth of it) gets its successor
+/// opened alongside.
+const SUCCESSOR_LEAD: Duration = Duration::from_secs(30);
+
 /// How long a pooled session may take to answer NOOP before it is given up for a new one.
 const NOOP_LIMIT: Duration = Duration::from_secs(10);
 
@@ -117,6 +121,8 @@ struct Slot {
     retired: AtomicBool,
     /// How to open a replacement; set by the first transaction after start or a reload.
     opener: Mutex<Option<Opener>>,
+    /// A replacement is being opened.
+    refilling: AtomicBool,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -258,6 +264,7 @@ impl Slot {
             lent: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
             opener: Mutex::new(None),
+            refilling: AtomicBool::new(false),
             metrics,
         })
     }
@@ -306,6 +313,7 @@ impl Slot {
                 }
             }
             self.event("reused");
+            self.prepare_successor(&session);
             return Some(Lease::new(session, self, true));
         }
     }
@@ -345,25 +353,42 @@ impl Slot {
         });
     }
 
+    /// Opens one session into the idle stack, unless one is there already, another refill
+    /// runs, or the account is at its cap (then the sessions there serve the next clients).
     async fn refill(self: &Arc<Self>) {
         let opener = lock(&self.opener).clone();
         let Some(opener) = opener else {
             return;
         };
-        if self.retired.load(Ordering::Relaxed) {
+        if self.retired.load(Ordering::Relaxed)
+            || !lock(&self.idle).is_empty()
+            || self.refilling.swap(true, Ordering::AcqRel)
+        {
             return;
         }
-        // At the cap, the sessions there are serve the next clients.
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            return;
-        };
-        if let Some(upstream) = opener().await {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned()
+            && let Some(upstream) = opener().await
+        {
             self.event("opened");
             self.put_back(Pooled {
                 upstream,
                 messages: 0,
                 _permit: permit,
             });
+        }
+        self.refilling.store(false, Ordering::Release);
+    }
+
+    /// A session lent for what will be its last transaction gets its successor opened now,
+    /// while it works, so a client sending message after message never waits for one.
+    fn prepare_successor(self: &Arc<Self>, session: &Pooled) {
+        let settings = self.settings();
+        let last = session.messages + 1 >= settings.pool.max_messages
+            || session.upstream.age() + SUCCESSOR_LEAD.min(settings.max_age / 10)
+                >= settings.max_age;
+        if last {
+            let slot = self.clone();
+            tokio::spawn(async move { slot.refill().await });
         }
     }
 
@@ -447,6 +472,7 @@ impl AccountPool {
                     messages: 0,
                     _permit: permit,
                 };
+                slot.prepare_successor(&session);
                 Ok(Lease::new(session, slot, false))
             }
             Err(e) => Err(AcquireError::Open(e)),
