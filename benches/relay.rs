@@ -13,7 +13,9 @@
 //! (client pipelines AUTH+MAIL+RCPT+DATA), --mode both|bridge|direct, --warmup W (messages sent
 //! through each path before measuring, e.g. to fill the bridge's session pool), --max-sessions S
 //! (the bridge's `pool.max_sessions`), --idle N (open N authenticated idle sessions and report
-//! RSS instead of sending).
+//! RSS instead of sending), --pin (this process on CPU 0, the bridge on the others, with
+//! `taskset`: the load generator and the fake provider then cannot take the bridge's CPU, as
+//! they would not in production).
 //!
 //! The bridge runs with `[limits] max_connections` and `max_connections_per_source` raised to
 //! 20,000, because all load comes from 127.0.0.1 (the defaults, 100 and 20, would refuse it),
@@ -53,6 +55,7 @@ struct Args {
     idle: usize,
     warmup: usize,
     max_sessions: Option<usize>,
+    pin: bool,
 }
 
 fn parse_args() -> Args {
@@ -67,6 +70,7 @@ fn parse_args() -> Args {
         idle: 0,
         warmup: 0,
         max_sessions: None,
+        pin: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -78,6 +82,7 @@ fn parse_args() -> Args {
             "--per-connection" => a.per_connection = value().parse().expect("--per-connection K"),
             "--rtt-ms" => a.rtt = Duration::from_millis(value().parse().expect("--rtt-ms R")),
             "--pipelining" => a.pipelining = true,
+            "--pin" => a.pin = true,
             "--mode" => a.mode = value(),
             "--idle" => a.idle = value().parse().expect("--idle N"),
             "--warmup" => a.warmup = value().parse().expect("--warmup W"),
@@ -94,6 +99,17 @@ fn main() {
     let args = parse_args();
     // Every client connection is a file descriptor here and in the bridge (which inherits it).
     let nofile = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    if args.pin {
+        // Before the runtime starts, so its threads inherit the main thread's CPU.
+        let pinned = std::process::Command::new("taskset")
+            .args(["-pc", "0", &std::process::id().to_string()])
+            .stdout(std::process::Stdio::null())
+            .status();
+        assert!(
+            pinned.is_ok_and(|s| s.success()),
+            "--pin needs taskset (util-linux)"
+        );
+    }
     if args.idle + args.clients + 64 > nofile as usize {
         eprintln!("open-file limit {nofile} is too low for this run; raise it with ulimit -Hn");
     }
@@ -129,7 +145,7 @@ async fn run(args: Args) {
     let stage = start_stage(&args).await;
     println!(
         "# clients={} messages={} size={} per_connection={} rtt_ms={} pipelining={} warmup={} \
-         max_sessions={} cpus={}",
+         max_sessions={} pin={} cpus={}",
         args.clients,
         args.messages,
         args.size,
@@ -139,6 +155,7 @@ async fn run(args: Args) {
         args.warmup,
         args.max_sessions
             .map_or("default".to_string(), |n| n.to_string()),
+        args.pin,
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0)
@@ -212,6 +229,7 @@ async fn start_stage(args: &Args) -> Stage {
         &secret,
         provider,
         args.max_sessions,
+        args.pin,
     )
     .await;
     Stage {
@@ -239,6 +257,7 @@ impl BridgeProcess {
         secret: &str,
         provider: SocketAddr,
         max_sessions: Option<usize>,
+        pin: bool,
     ) -> BridgeProcess {
         let hash = smtp_oauth_bridge::users::hash_password(PASSWORD).unwrap();
         let config = dir.join("proxy.toml");
@@ -257,7 +276,16 @@ impl BridgeProcess {
             ),
         )
         .unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_smtp-oauth-bridge"))
+        let binary = env!("CARGO_BIN_EXE_smtp-oauth-bridge");
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let mut command = if pin && cpus > 1 {
+            let mut c = std::process::Command::new("taskset");
+            c.args(["-c", &format!("1-{}", cpus - 1), binary]);
+            c
+        } else {
+            std::process::Command::new(binary)
+        };
+        let mut child = command
             .arg("--config")
             .arg(&config)
             .arg("run")
