@@ -333,7 +333,7 @@ async fn a_reload_keeps_tokens_of_unchanged_identities_and_retries_a_fixed_one()
              client_secret = \"{secret}\"\ntoken_url = \"{url}\"\nupstream = \"{up}\"\n\
              [[accounts]]\nusername = \"a@contoso.com\"\npassword_hash = \"{hash}\"\nidentity = \"good\"\n\
              [[accounts]]\nusername = \"b@contoso.com\"\npassword_hash = \"{hash}\"\nidentity = \"fixable\"\n",
-            ca = stage.dir.path().join("test-ca.pem").display(),
+            ca = stage.dir.path().join("ca.pem").display(),
             state = dir.path().display(),
             good = common::client_secret(),
             url = stage.token_endpoint.token_url(TENANT),

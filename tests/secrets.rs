@@ -200,6 +200,8 @@ async fn no_secret_in_trace_logs_debug_display_status_or_printed_output() {
     let mut c = stage.client().await;
     c.ehlo().await;
     assert_eq!(c.auth_plain(USER, "wrong-password-123").await.code(), 535);
+    // A client with the fields swapped sends the password as the username.
+    assert_eq!(c.auth_plain(PASSWORD, USER).await.code(), 535);
     assert_eq!(c.auth_plain(USER, PASSWORD).await.code(), 235);
     let r = c
         .send_message(
@@ -215,11 +217,9 @@ async fn no_secret_in_trace_logs_debug_display_status_or_printed_output() {
     assert_eq!(c.auth_plain("ann@fabrikam.com", PASSWORD).await.code(), 235);
 
     // Logins, in this process so their logs are captured too.
-    let tls = smtp_oauth_bridge::tls::client_config(
-        Some(&stage.dir.path().join("test-ca.pem")),
-        Vec::new(),
-    )
-    .unwrap();
+    let tls =
+        smtp_oauth_bridge::tls::client_config(Some(&stage.dir.path().join("ca.pem")), Vec::new())
+            .unwrap();
     let http = Http::new(&tls, Duration::from_secs(10)).unwrap();
     let mut printed = login(&stage, &http, Method::Device).await;
     printed.push_str(&login(&stage, &http, Method::Paste).await);

@@ -104,7 +104,16 @@ impl Session {
             .verify(&username.to_ascii_lowercase(), password, hash)
             .await;
         if !verified {
-            tracing::info!(username = %printable(&username), "local authentication failed");
+            // An unknown username is not logged: clients that swap the fields would put the
+            // password there.
+            if index.is_some() {
+                tracing::info!(username = %printable(&username), "local authentication failed");
+            } else {
+                tracing::info!(
+                    username_chars = username.chars().count(),
+                    "local authentication failed: unknown username"
+                );
+            }
             if self.shared.guard.login_failed(source) {
                 let limits = self.shared.guard.limits();
                 tracing::warn!(
