@@ -98,6 +98,15 @@ impl Session {
         let index = found.as_ref().map(|(i, _)| *i);
         let hash = index.map(|i| config.accounts[i].password_hash.as_str());
         let source = self.peer.ip();
+        let turn = self.shared.guard.login_turn(source).await;
+        if !self.shared.guard.login_allowed(source) {
+            // Checks from this address that ran while this one waited used up its allowance.
+            return self.error_reply(
+                454,
+                "4.7.0",
+                "Too many failed logins from your address; try again later",
+            );
+        }
         let verified = self
             .shared
             .verifier
@@ -129,6 +138,9 @@ impl Session {
             return self.error_reply(535, "5.7.8", "Authentication credentials invalid");
         }
         self.shared.guard.login_succeeded(source);
+        // The turn covers the password check only; the provider connection below must not
+        // hold up other logins from the same address.
+        drop(turn);
         let Some((index, mailbox)) = found else {
             unreachable!("verify() never accepts an unknown user");
         };
