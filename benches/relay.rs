@@ -10,8 +10,16 @@
 //! Run: `cargo bench --bench relay -- --clients 50 --messages 2000 --size 4096`
 //! Options: --clients N, --messages M (total), --size BYTES, --per-connection K (messages on one
 //! client connection, default 1), --rtt-ms R (emulated round trip to the provider), --pipelining
-//! (client pipelines AUTH+MAIL+RCPT+DATA), --mode both|bridge|direct, --idle N (open N
-//! authenticated idle sessions and report RSS instead of sending).
+//! (client pipelines AUTH+MAIL+RCPT+DATA), --mode both|bridge|direct, --warmup W (messages sent
+//! through each path before measuring, e.g. to fill the bridge's session pool), --max-sessions S
+//! (the bridge's `pool.max_sessions`), --idle N (open N authenticated idle sessions and report
+//! RSS instead of sending).
+//!
+//! The bridge runs with `[limits] max_connections` and `max_connections_per_source` raised to
+//! 20,000, because all load comes from 127.0.0.1 (the defaults, 100 and 20, would refuse it),
+//! and otherwise with the shipped defaults (`[pool] max_sessions = 3` unless --max-sessions).
+//! The soft limit on open files is raised to the hard limit (10,000 idle sessions need more
+//! than the usual 1,024); the bridge inherits it.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -43,6 +51,8 @@ struct Args {
     pipelining: bool,
     mode: String,
     idle: usize,
+    warmup: usize,
+    max_sessions: Option<usize>,
 }
 
 fn parse_args() -> Args {
@@ -55,6 +65,8 @@ fn parse_args() -> Args {
         pipelining: false,
         mode: "both".into(),
         idle: 0,
+        warmup: 0,
+        max_sessions: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -68,6 +80,8 @@ fn parse_args() -> Args {
             "--pipelining" => a.pipelining = true,
             "--mode" => a.mode = value(),
             "--idle" => a.idle = value().parse().expect("--idle N"),
+            "--warmup" => a.warmup = value().parse().expect("--warmup W"),
+            "--max-sessions" => a.max_sessions = Some(value().parse().expect("--max-sessions S")),
             "--bench" => {}
             other => panic!("unknown option {other}"),
         }
@@ -78,11 +92,25 @@ fn parse_args() -> Args {
 
 fn main() {
     let args = parse_args();
+    // Every client connection is a file descriptor here and in the bridge (which inherits it).
+    let nofile = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    if args.idle + args.clients + 64 > nofile as usize {
+        eprintln!("open-file limit {nofile} is too low for this run; raise it with ulimit -Hn");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(run(args));
+    runtime.block_on(async {
+        // Interrupted or timed out: dropping the run kills the bridge process with it.
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+        tokio::select! {
+            _ = run(args) => {}
+            _ = tokio::signal::ctrl_c() => eprintln!("interrupted"),
+            _ = terminate.recv() => eprintln!("terminated"),
+        }
+    });
 }
 
 struct Stage {
@@ -100,13 +128,17 @@ struct Stage {
 async fn run(args: Args) {
     let stage = start_stage(&args).await;
     println!(
-        "# clients={} messages={} size={} per_connection={} rtt_ms={} pipelining={} cpus={}",
+        "# clients={} messages={} size={} per_connection={} rtt_ms={} pipelining={} warmup={} \
+         max_sessions={} cpus={}",
         args.clients,
         args.messages,
         args.size,
         args.per_connection,
         args.rtt.as_millis(),
         args.pipelining,
+        args.warmup,
+        args.max_sessions
+            .map_or("default".to_string(), |n| n.to_string()),
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0)
@@ -118,21 +150,30 @@ async fn run(args: Args) {
     }
     if args.mode == "both" || args.mode == "direct" {
         let token = fetch_token(&stage);
-        let report = load(
-            &args,
-            Target::Direct {
-                stage: &stage,
-                token: &token,
-            },
-        )
-        .await;
-        report.print("direct", None);
+        let direct = Target::Direct {
+            stage: &stage,
+            token: &token,
+        };
+        warm_up(&args, &direct).await;
+        let report = load(&args, direct).await;
+        report.print("direct", &args, None);
     }
     if args.mode == "both" || args.mode == "bridge" {
+        warm_up(&args, &Target::Bridge(bridge.addr)).await;
         let before = bridge.cpu_seconds();
+        let rss_before = bridge.rss_kib();
+        bridge.reset_peak_rss();
         let report = load(&args, Target::Bridge(bridge.addr)).await;
         let cpu = bridge.cpu_seconds() - before;
-        report.print("bridge", Some((cpu, bridge.peak_rss_kib())));
+        report.print(
+            "bridge",
+            &args,
+            Some(Process {
+                cpu,
+                rss_before_kib: rss_before,
+                peak_rss_kib: bridge.peak_rss_kib(),
+            }),
+        );
     }
     let stored = stage.office365.messages().len();
     println!("# fake Office365 kept {stored} messages in memory (bounded)");
@@ -170,6 +211,7 @@ async fn start_stage(args: &Args) -> Stage {
         &token_endpoint.token_url(TENANT),
         &secret,
         provider,
+        args.max_sessions,
     )
     .await;
     Stage {
@@ -196,14 +238,17 @@ impl BridgeProcess {
         token_url: &str,
         secret: &str,
         provider: SocketAddr,
+        max_sessions: Option<usize>,
     ) -> BridgeProcess {
         let hash = smtp_oauth_bridge::users::hash_password(PASSWORD).unwrap();
         let config = dir.join("proxy.toml");
+        let pool = max_sessions.map_or(String::new(), |n| format!("[pool]\nmax_sessions = {n}\n"));
         std::fs::write(
             &config,
             format!(
                 "[server]\nlisten = [\"127.0.0.1:0\"]\nmax_errors = 1000\n\
-                 [tls]\nextra_ca_file = \"{}\"\n[store]\ndirectory = \"{}\"\n[log]\nlevel = \"info\"\n\
+                 [limits]\nmax_connections = 20000\nmax_connections_per_source = 20000\n\
+                 [tls]\nextra_ca_file = \"{}\"\n[store]\ndirectory = \"{}\"\n[log]\nlevel = \"info\"\n{pool}\
                  [[accounts]]\nname = \"bench\"\nusername = \"{USER}\"\npassword_hash = \"{hash}\"\n\
                  tenant = \"{TENANT}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{secret}\"\n\
                  token_url = \"{token_url}\"\nupstream = \"{provider}\"\n",
@@ -268,6 +313,12 @@ impl BridgeProcess {
     fn rss_kib(&self) -> u64 {
         status_field(self.child.id(), "VmRSS:")
     }
+
+    /// Makes VmHWM start again from the current RSS (Linux 4.0 and later), so the peak
+    /// reported is the measured run's, not start-up's or the warm-up's.
+    fn reset_peak_rss(&self) {
+        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5");
+    }
 }
 
 impl Drop for BridgeProcess {
@@ -287,6 +338,7 @@ fn status_field(pid: u32, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+#[derive(Clone)]
 enum Target<'a> {
     Bridge(SocketAddr),
     Direct { stage: &'a Stage, token: &'a str },
@@ -295,12 +347,22 @@ enum Target<'a> {
 struct Report {
     messages: usize,
     errors: usize,
+    /// Connections whose QUIT got no 221 within a second (not counted as errors: the
+    /// messages were sent).
+    slow_quits: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
 }
 
+/// What /proc says about the bridge over one measured run.
+struct Process {
+    cpu: f64,
+    rss_before_kib: u64,
+    peak_rss_kib: u64,
+}
+
 impl Report {
-    fn print(&self, name: &str, process: Option<(f64, u64)>) {
+    fn print(&self, name: &str, args: &Args, process: Option<Process>) {
         let mut l = self.latencies.clone();
         l.sort();
         let pct = |p: f64| {
@@ -317,14 +379,41 @@ impl Report {
             pct(0.5),
             pct(0.99)
         );
-        if let Some((cpu, rss)) = process {
-            let per_1000 = cpu / self.messages.max(1) as f64 * 1000.0;
+        if !args.rtt.is_zero() {
+            let rtt = args.rtt.as_secs_f64() * 1000.0;
+            print!(", p50 = {:.2} round trips of {rtt:.0} ms", pct(0.5) / rtt);
+        }
+        if let Some(p) = process {
+            let per_1000 = p.cpu / self.messages.max(1) as f64 * 1000.0;
             print!(
-                ", bridge CPU {cpu:.2} s ({per_1000:.3} s per 1000 msgs), peak RSS {:.1} MiB",
-                rss as f64 / 1024.0
+                ", bridge CPU {:.2} s ({per_1000:.3} s per 1000 msgs), RSS {:.1} MiB before, \
+                 peak during the run {:.1} MiB",
+                p.cpu,
+                p.rss_before_kib as f64 / 1024.0,
+                p.peak_rss_kib as f64 / 1024.0
             );
         }
+        if self.slow_quits > 0 {
+            print!(", {} QUITs unanswered within 1 s", self.slow_quits);
+        }
         println!();
+    }
+}
+
+/// Sends `args.warmup` messages through `target` with as many clients as the measured run,
+/// unmeasured: the bridge's session pool is warm afterwards, as it is in steady use.
+async fn warm_up(args: &Args, target: &Target<'_>) {
+    if args.warmup == 0 {
+        return;
+    }
+    let warm = Args {
+        clients: args.clients.min(args.warmup),
+        messages: args.warmup,
+        ..args.clone()
+    };
+    let report = load(&warm, target.clone()).await;
+    if report.errors > 0 {
+        eprintln!("warm-up: {} errors", report.errors);
     }
 }
 
@@ -351,56 +440,70 @@ async fn load(args: &Args, target: Target<'_>) -> Report {
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0;
-            'connections: while next.load(Ordering::Relaxed) < args.messages {
+            let mut slow_quits = 0;
+            // A message's latency is what its sender feels: for the first message on a
+            // connection it includes connecting (and, direct, TLS and AUTH).
+            'connections: while next.fetch_add(1, Ordering::Relaxed) < args.messages {
+                let t = Instant::now();
                 let mut conn = match (&direct, bridge_addr) {
                     (Some((addr, tls, auth)), _) => match Conn::direct(*addr, tls, auth).await {
                         Ok(c) => c,
                         Err(why) => {
-                            // A connection that cannot be set up uses up its message, so a
-                            // broken setup ends the run instead of spinning.
                             eprintln!("direct connection failed: {why}");
-                            next.fetch_add(1, Ordering::Relaxed);
                             errors += 1;
                             continue;
                         }
                     },
-                    (None, Some(addr)) => Conn::plain(addr).await,
+                    (None, Some(addr)) => match Conn::try_plain(addr).await {
+                        Some(c) => c,
+                        None => {
+                            eprintln!("connection to the bridge refused or not greeted");
+                            errors += 1;
+                            continue;
+                        }
+                    },
                     _ => unreachable!(),
                 };
-                let mut first = true;
-                for _ in 0..args.per_connection {
+                let ok = if bridge_addr.is_some() {
+                    conn.bridge_login_and_send(&body, args.pipelining).await
+                } else {
+                    conn.send(&body, args.pipelining).await
+                };
+                if !ok {
+                    errors += 1;
+                    continue;
+                }
+                latencies.push(t.elapsed());
+                for _ in 1..args.per_connection {
                     if next.fetch_add(1, Ordering::Relaxed) >= args.messages {
+                        slow_quits += usize::from(!conn.quit().await);
                         break 'connections;
                     }
                     let t = Instant::now();
-                    let ok = if bridge_addr.is_some() && first {
-                        conn.bridge_login_and_send(&body, args.pipelining).await
-                    } else {
-                        conn.send(&body).await
-                    };
-                    first = false;
-                    if ok {
-                        latencies.push(t.elapsed());
-                    } else {
+                    if !conn.send(&body, args.pipelining).await {
                         errors += 1;
                         continue 'connections;
                     }
+                    latencies.push(t.elapsed());
                 }
-                conn.quit().await;
+                slow_quits += usize::from(!conn.quit().await);
             }
-            (latencies, errors)
+            (latencies, errors, slow_quits)
         }));
     }
     let mut latencies = Vec::new();
     let mut errors = 0;
+    let mut slow_quits = 0;
     for t in tasks {
-        let (l, e) = t.await.unwrap();
+        let (l, e, q) = t.await.unwrap();
         latencies.extend(l);
         errors += e;
+        slow_quits += q;
     }
     Report {
         messages: latencies.len(),
         errors,
+        slow_quits,
         elapsed: started.elapsed(),
         latencies,
     }
@@ -461,15 +564,14 @@ struct Conn {
 }
 
 impl Conn {
-    async fn plain(addr: SocketAddr) -> Conn {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
+    async fn try_plain(addr: SocketAddr) -> Option<Conn> {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        stream.set_nodelay(true).ok()?;
         let mut c = Conn {
             stream: Box::new(stream),
             buf: Vec::with_capacity(4096),
         };
-        c.reply().await;
-        c
+        (c.reply().await.code() == 220).then_some(c)
     }
 
     async fn direct(
@@ -565,19 +667,30 @@ impl Conn {
         {
             return false;
         }
-        self.send(body).await
+        self.send(body, false).await
     }
 
-    async fn send(&mut self, body: &[u8]) -> bool {
-        if self
-            .cmd(format!("MAIL FROM:<{USER}>\r\n").as_bytes())
-            .await
-            .code()
-            != 250
-        {
+    /// MAIL, RCPT, DATA and the message; with `pipelining` the three commands go in one
+    /// write, as a pipelining client sends them.
+    async fn send(&mut self, body: &[u8], pipelining: bool) -> bool {
+        let mail = format!("MAIL FROM:<{USER}>\r\n");
+        let rcpt = "RCPT TO:<sink@contoso.com>\r\n";
+        if pipelining {
+            let batch = format!("{mail}{rcpt}DATA\r\n");
+            if self.stream.write_all(batch.as_bytes()).await.is_err() {
+                return false;
+            }
+            for expected in [250, 250, 354] {
+                if self.reply().await.code() != expected {
+                    return false;
+                }
+            }
+            return self.data(body).await;
+        }
+        if self.cmd(mail.as_bytes()).await.code() != 250 {
             return false;
         }
-        if self.cmd(b"RCPT TO:<sink@contoso.com>\r\n").await.code() != 250 {
+        if self.cmd(rcpt.as_bytes()).await.code() != 250 {
             return false;
         }
         if self.cmd(b"DATA\r\n").await.code() != 354 {
@@ -594,38 +707,68 @@ impl Conn {
     }
 
     /// Says goodbye without waiting long: the benchmark measures messages, not farewells.
-    async fn quit(mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.cmd(b"QUIT\r\n")).await;
+    /// False when the server did not answer 221 within a second.
+    async fn quit(mut self) -> bool {
+        let answer = tokio::time::timeout(Duration::from_secs(1), self.cmd(b"QUIT\r\n")).await;
+        answer.is_ok_and(|reply| reply.code() == 221)
     }
 }
 
-/// Opens `args.idle` authenticated sessions that stay open, then reports the bridge's RSS.
+/// Opens `args.idle` authenticated sessions (100 logging in at a time) that stay open, reports
+/// the bridge's RSS, then sends one message on a few of them to show they still work.
 async fn idle_sessions(args: &Args, bridge: &BridgeProcess) {
     let before = bridge.rss_kib();
+    let started = Instant::now();
     let mut conns = Vec::with_capacity(args.idle);
     let mut failures = 0;
-    for _ in 0..args.idle {
-        let mut c = Conn::plain(bridge.addr).await;
-        let auth =
-            base64::engine::general_purpose::STANDARD.encode(format!("\0{USER}\0{PASSWORD}"));
-        c.cmd(b"EHLO bench\r\n").await;
-        if c.cmd(format!("AUTH PLAIN {auth}\r\n").as_bytes())
-            .await
-            .code()
-            != 235
-        {
-            failures += 1;
+    let addr = bridge.addr;
+    let mut remaining = args.idle;
+    while remaining > 0 {
+        let batch = remaining.min(100);
+        remaining -= batch;
+        let logins: Vec<_> = (0..batch)
+            .map(|_| tokio::spawn(async move { idle_login(addr).await }))
+            .collect();
+        for login in logins {
+            match login.await.unwrap() {
+                Some(c) => conns.push(c),
+                None => failures += 1,
+            }
         }
-        conns.push(c);
     }
     let after = bridge.rss_kib();
     println!(
-        "  idle: {} authenticated sessions open, {failures} failed, bridge RSS {:.1} MiB (was {:.1} MiB), peak {:.1} MiB",
+        "  idle: {} authenticated sessions open ({failures} failed) in {:.1} s, bridge RSS \
+         {:.1} MiB (was {:.1} MiB; {:.1} KiB per session), peak {:.1} MiB",
         conns.len(),
+        started.elapsed().as_secs_f64(),
         after as f64 / 1024.0,
         before as f64 / 1024.0,
+        (after.saturating_sub(before)) as f64 / conns.len().max(1) as f64,
         bridge.peak_rss_kib() as f64 / 1024.0
     );
+    let body = message_body(args.size);
+    let mut sent = 0;
+    let sample = conns.len().min(10);
+    for c in conns.iter_mut().take(sample) {
+        if c.send(&body, false).await {
+            sent += 1;
+        }
+    }
+    println!("  idle: {sent} of {sample} sampled sessions then sent a message");
+}
+
+async fn idle_login(addr: SocketAddr) -> Option<Conn> {
+    let mut c = Conn::try_plain(addr).await?;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("\0{USER}\0{PASSWORD}"));
+    if c.cmd(b"EHLO bench\r\n").await.code() != 250 {
+        return None;
+    }
+    let code = c
+        .cmd(format!("AUTH PLAIN {auth}\r\n").as_bytes())
+        .await
+        .code();
+    (code == 235).then_some(c)
 }
 
 /// A loopback relay that delivers every chunk `one_way` later in each direction, preserving

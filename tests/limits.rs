@@ -424,3 +424,42 @@ async fn stalled_tls_handshakes_time_out_on_both_sides() {
         r.text()
     );
 }
+
+#[tokio::test]
+async fn a_burst_of_connections_all_get_their_greeting() {
+    // Devices that all wake at once: more connections arrive while the accept loop is busy
+    // than a default listen queue (128) holds. Each must hear the greeting, not wait for one
+    // that never comes.
+    let stage = Stage::start_with(common::Options {
+        tweak: Some(Box::new(|c| {
+            c.limits.max_connections = 1000;
+            c.limits.max_connections_per_source = 1000;
+        })),
+        ..common::Options::default()
+    })
+    .await;
+    // Connecting without yielding keeps this (single-threaded) runtime, and with it the
+    // bridge's accept loop, busy until all 300 connections wait in the kernel's queue.
+    let streams: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(stage.bridge).unwrap())
+        .collect();
+    let greetings: Vec<_> = streams
+        .into_iter()
+        .map(|std| {
+            std.set_nonblocking(true).unwrap();
+            let tcp = TcpStream::from_std(std).unwrap();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(tcp).lines();
+                tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await
+            })
+        })
+        .collect();
+    let mut greeted = 0;
+    for greeting in greetings {
+        if let Ok(Ok(Some(line))) = greeting.await.unwrap() {
+            assert!(line.starts_with("220 "), "{line}");
+            greeted += 1;
+        }
+    }
+    assert_eq!(greeted, 300);
+}

@@ -168,11 +168,7 @@ async fn provider_replies_at_every_stage_are_relayed_once_and_never_retried() {
 
 #[tokio::test]
 async fn provider_refusals_at_auth_become_a_temporary_failure_once() {
-    for reply in [
-        "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
-        "451 4.7.500 Server busy",
-        "554 5.6.0 Something permanent",
-    ] {
+    for reply in ["451 4.7.500 Server busy", "554 5.6.0 Something permanent"] {
         let stage = Stage::start().await;
         stage.office365.set_behaviour(Behaviour {
             auth_reply: Some(reply.into()),
@@ -198,6 +194,35 @@ async fn provider_refusals_at_auth_become_a_temporary_failure_once() {
             "{reply}: not retried"
         );
     }
+}
+
+#[tokio::test]
+async fn a_provider_out_of_sessions_for_the_mailbox_means_try_later_never_432() {
+    // Something else holds the mailbox's sessions: the provider accepts the token but refuses
+    // another session. The login is good; the message is the one to retry.
+    let stage = Stage::start().await;
+    stage.office365.set_behaviour(Behaviour {
+        auth_reply: Some("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded".into()),
+        ..Behaviour::default()
+    });
+    let mut c = stage.client().await;
+    c.ehlo().await;
+    assert_eq!(c.auth_plain(USER, common::PASSWORD).await.code(), 235);
+    let r = c.cmd(&format!("MAIL FROM:<{USER}>")).await;
+    assert_eq!(
+        (r.code(), r.enhanced()),
+        (451, Some("4.3.2")),
+        "{}",
+        r.text()
+    );
+    assert_eq!(stage.token_endpoint.request_count(), 1, "no token refresh");
+    assert!(stage.office365.messages().is_empty());
+
+    stage.office365.set_behaviour(Behaviour::default());
+    let r = c
+        .send_message(USER, &["a@contoso.com"], b"Subject: later\r\n\r\nx\r\n")
+        .await;
+    assert_eq!(r.code(), 250);
 }
 
 #[tokio::test]

@@ -326,12 +326,10 @@ fn metric(text: &str, series: &str) -> f64 {
 async fn metrics_and_health_tell_a_monitoring_system_what_happened() {
     let fakes = Fakes::start().await;
     let broken = fakes.account("broken", "broken@contoso.com", "not-the-secret");
-    let config = fakes.config(
-        &["127.0.0.1:0"],
-        // Tokens on first use, so the story below decides when the broken account is found.
-        "[admin]\nlisten = \"127.0.0.1:0\"\nupstream_failures_unhealthy = 2\n[tokens]\nprefetch = false\n",
-        &[fakes.printer(), broken],
-    );
+    let accounts = [fakes.printer(), broken];
+    // Tokens on first use, so the story below decides when the broken account is found.
+    let admin_toml = "[admin]\nlisten = \"127.0.0.1:0\"\nupstream_failures_unhealthy = 2\n[tokens]\nprefetch = false\n";
+    let config = fakes.config(&["127.0.0.1:0"], admin_toml, &accounts);
     let bridge = Running::start(config).await;
     let addr = bridge.addrs[0];
     let admin = bridge.admin.expect("admin listener");
@@ -447,7 +445,12 @@ async fn metrics_and_health_tell_a_monitoring_system_what_happened() {
         1.0
     );
 
-    // The provider refusing the bridge twice in a row marks it failing.
+    // The provider refusing the bridge twice in a row marks it failing. A reload closes the
+    // pooled provider session, so each of the next logins has to open a new one.
+    bridge
+        .reload(fakes.config(&["127.0.0.1:0"], admin_toml, &accounts))
+        .await
+        .unwrap();
     fakes.office365.behaviour().auth_reply = Some(
         "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant."
             .into(),

@@ -10,6 +10,7 @@ mod account;
 mod credential;
 mod identity;
 mod policy;
+mod pool;
 mod raw;
 mod server;
 #[cfg(test)]
@@ -32,6 +33,7 @@ pub use identity::{
     Provider, Thumbprint, UpstreamSettings, UpstreamTls,
 };
 pub use policy::{AccountPolicy, SenderPattern, canonical as canonical_ip};
+pub use pool::PoolSettings;
 use raw::{RawConfig, RawTokens};
 pub use server::{Limits, LocalTls, PlaintextAuth, ServerSettings, Timeouts, is_loopback};
 
@@ -76,6 +78,7 @@ pub struct Config {
     pub server: ServerSettings,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    pub pool: PoolSettings,
     pub tokens: TokenSettings,
     /// Extra CA certificates trusted for the upstream and the token endpoint.
     pub extra_ca_file: Option<PathBuf>,
@@ -346,6 +349,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
     let server_side = server::check_server_side(raw.server, &raw.tls)?;
     let timeouts = server::check_timeouts(&raw.timeouts)?;
     let limits = server::check_limits(&raw.limits)?;
+    let pool = pool::check_pool(&raw.pool, timeouts.upstream_max_age)?;
     let tokens = check_tokens(raw.tokens)?;
     let sandbox = match raw.sandbox {
         Some(s) if s.enabled => Some(SandboxSettings {
@@ -379,6 +383,7 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
         server,
         timeouts,
         limits,
+        pool,
         tokens,
         extra_ca_file: raw.tls.extra_ca_file,
         local_tls: server_side.local_tls,

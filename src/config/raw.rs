@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::config::LogFormat;
 use crate::config::identity::{AssertionAlgorithm, Flow, Provider, Thumbprint, UpstreamTls};
+use crate::config::pool::RawPool;
 use crate::config::server::{RawLimits, RawServer, RawTimeouts, RawTls};
 
 #[derive(Deserialize, Default)]
@@ -20,6 +21,8 @@ pub(super) struct RawConfig {
     pub(super) timeouts: RawTimeouts,
     #[serde(default)]
     pub(super) limits: RawLimits,
+    #[serde(default)]
+    pub(super) pool: RawPool,
     #[serde(default)]
     pub(super) tokens: RawTokens,
     #[serde(default)]

@@ -85,6 +85,12 @@ struct RefreshLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabel {
+    account: String,
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabel {
     operation: &'static str,
 }
@@ -133,6 +139,7 @@ pub struct Metrics {
     upstream_replies: Family<ClassLabel, Counter>,
     upstream_latency: Family<OperationLabel, Histogram>,
     token_refreshes: Family<RefreshLabel, Counter>,
+    pool_events: Family<PoolLabel, Counter>,
     token_expiry: Family<AccountLabel, Gauge<f64, AtomicU64>>,
     accounts_needing_login: Gauge,
     accounts: Mutex<HashMap<String, AccountHealth>>,
@@ -205,6 +212,14 @@ impl Metrics {
             "Access token requests to the token endpoint, by account and outcome",
             token_refreshes.clone(),
         );
+        let pool_events = Family::default();
+        registry.register(
+            "upstream_sessions",
+            "Pooled provider sessions by account and event: opened, reused, closed (QUIT), \
+             discarded (failed or abandoned), lost (closed by the provider while idle), \
+             wait_timeout (a transaction found no free session within pool.wait)",
+            pool_events.clone(),
+        );
         let token_expiry = Family::default();
         registry.register(
             "token_expiry_seconds",
@@ -228,6 +243,7 @@ impl Metrics {
             upstream_replies,
             upstream_latency,
             token_refreshes,
+            pool_events,
             token_expiry,
             accounts_needing_login,
             accounts: Mutex::new(HashMap::new()),
@@ -328,6 +344,16 @@ impl Metrics {
         self.upstream_latency
             .get_or_create(&OperationLabel { operation })
             .observe(took.as_secs_f64());
+    }
+
+    /// Something happened to one of `account`'s pooled provider sessions.
+    pub fn pool_event(&self, account: &str, event: &'static str) {
+        self.pool_events
+            .get_or_create(&PoolLabel {
+                account: account.to_string(),
+                event,
+            })
+            .inc();
     }
 
     /// An authenticated upstream session opened for `account`.

@@ -133,7 +133,10 @@ impl fmt::Debug for Sandbox {
 
 /// Bind `127.0.0.1:0`; loopback only, because these servers accept any client.
 pub(crate) async fn bind_loopback() -> std::io::Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    // A long accept queue, as the bridge's own listeners have: load tests connect in bursts.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let listener = socket.listen(4096)?;
     let addr = listener.local_addr()?;
     Ok((listener, addr))
 }

@@ -6,7 +6,7 @@
 //! This file owns the public face (config, records, listener, mail folder); the per-connection
 //! state machine lives in `smtp_session`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -129,6 +129,12 @@ pub struct Behaviour {
     /// Close the connection without a reply when this stage's command (or, for
     /// [`Stage::EndOfData`], the whole message) has arrived.
     pub drop_at: Option<Stage>,
+    /// Like `drop_at`, once: the first connection that reaches the stage is dropped and the
+    /// switch turns itself off.
+    pub drop_once_at: Option<Stage>,
+    /// Close connections idle this long with `421 4.4.1 Connection timed out` (default 60
+    /// seconds); read when a connection is accepted.
+    pub idle_timeout: Option<Duration>,
     /// Close the connection right after accepting a message, as a provider cutting old or
     /// idle sessions does; the client learns it only when it next sends a command.
     pub close_after_message: bool,
@@ -209,9 +215,10 @@ impl Office365 {
             registry,
             config,
             behaviour: Mutex::new(Behaviour::default()),
-            messages: Mutex::new(Vec::new()),
-            auth_attempts: Mutex::new(Vec::new()),
-            commands: Mutex::new(Vec::new()),
+            messages: Mutex::new(VecDeque::new()),
+            auth_attempts: Mutex::new(VecDeque::new()),
+            commands: Mutex::new(VecDeque::new()),
+            pipelined: Mutex::new(Vec::new()),
             sessions: AtomicUsize::new(0),
             senders: Mutex::new(HashMap::new()),
         });
@@ -239,18 +246,24 @@ impl Office365 {
 
     /// Messages accepted so far (the most recent 1,000), oldest first.
     pub fn messages(&self) -> Vec<StoredMessage> {
-        lock(&self.shared.messages).clone()
+        lock(&self.shared.messages).iter().cloned().collect()
     }
 
     /// AUTH exchanges so far, oldest first.
     pub fn auth_attempts(&self) -> Vec<AuthAttempt> {
-        lock(&self.shared.auth_attempts).clone()
+        lock(&self.shared.auth_attempts).iter().cloned().collect()
     }
 
     /// Command lines received so far, oldest first, without their line end; AUTH lines and
     /// SASL responses are reduced to `AUTH <mechanism>`.
     pub fn commands(&self) -> Vec<String> {
-        lock(&self.shared.commands).clone()
+        lock(&self.shared.commands).iter().cloned().collect()
+    }
+
+    /// Commands that arrived in the same read as the command before them: the client sent
+    /// them without waiting for the reply (pipelining). Recorded like [`Office365::commands`].
+    pub fn pipelined_commands(&self) -> Vec<String> {
+        lock(&self.shared.pipelined).clone()
     }
 
     /// Connections accepted so far.
@@ -296,9 +309,10 @@ pub(crate) struct Shared {
     registry: Arc<TokenRegistry>,
     pub(crate) config: Office365Config,
     behaviour: Mutex<Behaviour>,
-    messages: Mutex<Vec<StoredMessage>>,
-    auth_attempts: Mutex<Vec<AuthAttempt>>,
-    commands: Mutex<Vec<String>>,
+    messages: Mutex<VecDeque<StoredMessage>>,
+    auth_attempts: Mutex<VecDeque<AuthAttempt>>,
+    commands: Mutex<VecDeque<String>>,
+    pipelined: Mutex<Vec<String>>,
     sessions: AtomicUsize,
     /// Authenticated sessions per mailbox (lower-cased), for the concurrency limit.
     senders: Mutex<HashMap<String, usize>>,
@@ -311,6 +325,16 @@ impl Shared {
     }
 
     /// How long to wait before a reply at `stage`.
+    /// Whether `drop_once_at` fires at `stage`; it is switched off when it does.
+    pub(crate) fn take_drop_once(&self, stage: Stage) -> bool {
+        let mut behaviour = lock(&self.behaviour);
+        let fires = behaviour.drop_once_at == Some(stage);
+        if fires {
+            behaviour.drop_once_at = None;
+        }
+        fires
+    }
+
     pub(crate) fn reply_delay(&self, stage: Stage) -> Duration {
         let behaviour = lock(&self.behaviour);
         match behaviour.stage_delay {
@@ -319,20 +343,27 @@ impl Shared {
         }
     }
 
-    pub(crate) fn record_command(&self, line: String) {
+    /// `pipelined`: the line was already buffered when the previous one was read.
+    pub(crate) fn record_command(&self, line: String, pipelined: bool) {
+        if pipelined {
+            let mut batched = lock(&self.pipelined);
+            if batched.len() < MAX_AUTH_ATTEMPTS_IN_MEMORY {
+                batched.push(line.clone());
+            }
+        }
         let mut commands = lock(&self.commands);
         if commands.len() >= MAX_AUTH_ATTEMPTS_IN_MEMORY {
-            commands.remove(0);
+            commands.pop_front();
         }
-        commands.push(line);
+        commands.push_back(line);
     }
 
     pub(crate) fn record_attempt(&self, attempt: AuthAttempt) {
         let mut attempts = lock(&self.auth_attempts);
         if attempts.len() >= MAX_AUTH_ATTEMPTS_IN_MEMORY {
-            attempts.remove(0);
+            attempts.pop_front();
         }
-        attempts.push(attempt);
+        attempts.push_back(attempt);
     }
 
     /// Whether Office365 would take `token` for `user`: issued by the sandbox, unexpired,
@@ -377,9 +408,9 @@ impl Shared {
         }
         let mut messages = lock(&self.messages);
         if messages.len() >= MAX_MESSAGES_IN_MEMORY {
-            messages.remove(0);
+            messages.pop_front();
         }
-        messages.push(message);
+        messages.push_back(message);
         Ok(())
     }
 }
@@ -424,20 +455,21 @@ async fn serve_connection(
     peer: SocketAddr,
     implicit_tls: bool,
 ) {
+    let idle = shared.behaviour().idle_timeout.unwrap_or(IDLE_TIMEOUT);
     if implicit_tls {
         if let Some(tls) = handshake(&acceptor, stream).await {
-            let wire = Wire::new(tls, IDLE_TIMEOUT);
+            let wire = Wire::new(tls, idle);
             // STARTTLS is refused inside TLS, so this phase can only end the session.
             let _ = smtp_session::run(&shared, wire, peer, true, true).await;
         }
         return;
     }
 
-    let wire = Wire::new(stream, IDLE_TIMEOUT);
+    let wire = Wire::new(stream, idle);
     if let PhaseEnd::StartTls(stream) = smtp_session::run(&shared, wire, peer, false, true).await
         && let Some(tls) = handshake(&acceptor, stream).await
     {
-        let wire = Wire::new(tls, IDLE_TIMEOUT);
+        let wire = Wire::new(tls, idle);
         let _ = smtp_session::run(&shared, wire, peer, true, false).await;
     }
 }

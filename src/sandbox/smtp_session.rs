@@ -204,13 +204,18 @@ impl Session {
         } else {
             tracing::debug!("unrecognized command");
         }
-        self.shared.record_command(if verb == "AUTH" {
-            format!("AUTH {}", args.split(' ').next().unwrap_or_default())
-        } else {
-            text.trim_end_matches(['\r', '\n']).to_string()
-        });
+        self.shared.record_command(
+            if verb == "AUTH" {
+                format!("AUTH {}", args.split(' ').next().unwrap_or_default())
+            } else {
+                text.trim_end_matches(['\r', '\n']).to_string()
+            },
+            wire.line_was_buffered(),
+        );
         self.stage = Stage::of_verb(&verb);
-        if self.shared.behaviour().drop_at == Some(self.stage) {
+        if self.shared.behaviour().drop_at == Some(self.stage)
+            || self.shared.take_drop_once(self.stage)
+        {
             return Ok(Flow::Abort);
         }
         match verb.as_str() {

@@ -26,6 +26,8 @@ pub(crate) struct Wire<S> {
     stream: S,
     buf: Vec<u8>,
     idle: Duration,
+    /// The last line came whole from bytes already buffered, without reading the socket.
+    buffered: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
@@ -34,6 +36,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
             stream,
             buf: Vec::new(),
             idle,
+            buffered: false,
         }
     }
 
@@ -46,6 +49,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
     /// including the line end.
     pub(crate) async fn read_line(&mut self, limit: usize) -> Result<Vec<u8>, WireError> {
         let mut scanned = 0;
+        self.buffered = !self.buf.is_empty();
         loop {
             if let Some(pos) = self.buf[scanned..].iter().position(|&b| b == b'\n') {
                 let end = scanned + pos;
@@ -63,8 +67,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
                 return Err(WireError::LineTooLong { resynced: false });
             }
             scanned = self.buf.len();
+            self.buffered = false;
             self.read_more().await?;
         }
+    }
+
+    /// Whether the last line was already buffered when it was asked for: it arrived with the
+    /// line before it, so its sender did not wait for a reply in between.
+    pub(crate) fn line_was_buffered(&self) -> bool {
+        self.buffered
     }
 
     /// Move buffered input (or, if none, the next read from the socket) to the end of `out`.

@@ -82,7 +82,7 @@ pub(super) async fn bind_all(
 ) -> Result<Vec<Bound>, StartError> {
     let mut listeners = Vec::new();
     for &(addr, kind) in addrs {
-        match TcpListener::bind(addr).await {
+        match bind_one(addr) {
             Ok(listener) => {
                 let local = listener.local_addr().unwrap_or(addr);
                 tracing::info!(address = %local, kind = ?kind, "listening for SMTP clients");
@@ -106,6 +106,23 @@ pub(super) async fn bind_all(
         }
     }
     Ok(listeners)
+}
+
+/// Connections the kernel may hold for the accept loop. SMTP servers speak first: a client
+/// whose connection overflowed a short queue (and was then completed by a SYN cookie) waits
+/// for a greeting that never comes. The usual 128 was overrun by 1,000 clients connecting at
+/// once; the kernel caps this at `net.core.somaxconn`.
+const BACKLOG: u32 = 4096;
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Takes over sockets from systemd (plain SMTP). They are held to the rule configured

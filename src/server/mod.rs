@@ -42,6 +42,9 @@ pub struct Shared {
     /// Connection slots and failed-login throttling; one for the life of the process, so a
     /// reload keeps the counts (and applies the new limits).
     pub guard: Arc<limits::Guard>,
+    /// Authenticated provider sessions kept between client sessions, and the per-account cap;
+    /// one for the life of the process, so the cap holds across reloads.
+    pub pool: Arc<crate::upstream::pool::Pool>,
     pub metrics: Arc<Metrics>,
     /// Where the bridge is in its life; sessions watch it to refuse new work while draining.
     pub lifecycle: watch::Receiver<Lifecycle>,
@@ -165,13 +168,21 @@ impl Bridge {
             .with_metrics(metrics.clone()),
         );
         let guard = limits::Guard::new(config.limits);
+        let pool = Arc::new(crate::upstream::pool::Pool::new(
+            &config,
+            Some(metrics.clone()),
+        ));
+        let lifelong = Lifelong {
+            verifier,
+            guard,
+            pool,
+        };
         let shared = build_shared(
             config,
             tls_client,
             &tokens,
             &metrics,
-            &verifier,
-            &guard,
+            lifelong,
             lifecycle.subscribe(),
         );
         if let Some(local) = &shared.config.local_tls {
@@ -302,6 +313,8 @@ impl Bridge {
 
         let grace = grace.unwrap_or(current(&self.current).config.timeouts.shutdown_grace);
         self.drain(acceptors, &sessions, grace).await;
+        // Pooled provider sessions say goodbye rather than vanish.
+        current(&self.current).pool.close_all(HARD_STOP).await;
         if let Some(admin) = admin {
             admin.abort();
         }
@@ -327,13 +340,18 @@ impl Bridge {
             .map_err(|e| e.to_string())?;
         let source = token_source(&tls_client, &config).map_err(|e| e.to_string())?;
         let guard = current(&self.current).guard.clone();
+        let pool = current(&self.current).pool.clone();
+        let lifelong = Lifelong {
+            verifier,
+            guard,
+            pool,
+        };
         let shared = build_shared(
             config,
             tls_client,
             &self.tokens,
             &self.metrics,
-            &verifier,
-            &guard,
+            lifelong,
             self.lifecycle.subscribe(),
         );
         let old = current(&self.current);
@@ -401,6 +419,7 @@ impl Bridge {
         ));
         self.metrics.set_accounts(after.iter().copied());
         shared.guard.set_limits(shared.config.limits);
+        shared.pool.reconfigure(&shared.config);
         self.metrics
             .set_unhealthy_after(unhealthy_after(&shared.config));
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(shared);
@@ -517,14 +536,20 @@ fn token_source(
     Ok(Arc::new(HttpTokenSource::new(http)))
 }
 
+/// The parts of [`Shared`] made once per process and carried over by every reload.
+struct Lifelong {
+    verifier: Arc<crate::users::Verifier>,
+    guard: Arc<limits::Guard>,
+    pool: Arc<crate::upstream::pool::Pool>,
+}
+
 /// Everything a session needs from a checked configuration.
 fn build_shared(
     config: Config,
     tls_client: Arc<rustls::ClientConfig>,
     tokens: &Arc<TokenManager>,
     metrics: &Arc<Metrics>,
-    verifier: &Arc<crate::users::Verifier>,
-    guard: &Arc<limits::Guard>,
+    lifelong: Lifelong,
     lifecycle: watch::Receiver<Lifecycle>,
 ) -> Shared {
     for identity in &config.identities {
@@ -542,8 +567,9 @@ fn build_shared(
         config,
         tokens: tokens.clone(),
         tls_client,
-        verifier: verifier.clone(),
-        guard: guard.clone(),
+        verifier: lifelong.verifier,
+        guard: lifelong.guard,
+        pool: lifelong.pool,
         metrics: metrics.clone(),
         lifecycle,
     }

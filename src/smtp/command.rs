@@ -37,6 +37,8 @@ pub struct LineReader {
 
 /// Compaction threshold: consumed bytes are dropped from the front once this many pile up.
 const COMPACT_AT: usize = 16 * 1024;
+/// An empty buffer larger than this is given back, so thousands of idle sessions stay small.
+const KEEP_WHEN_EMPTY: usize = 4 * 1024;
 
 impl LineReader {
     pub fn new() -> LineReader {
@@ -45,18 +47,32 @@ impl LineReader {
 
     /// Adds bytes read from the client. While an overlong line is being discarded, its bytes
     /// are dropped here and never buffered.
-    pub fn push(&mut self, mut bytes: &[u8]) {
-        if self.discarding && self.pending().is_empty() {
-            match skip_to_lf(bytes) {
+    pub fn push(&mut self, bytes: &[u8]) {
+        let start = self.buffer_for_read(bytes.len()).len();
+        self.buf.extend_from_slice(bytes);
+        self.appended(start);
+    }
+
+    /// The buffer to read the next bytes into, in place, with room for at least `want` more
+    /// after what is buffered: the socket's bytes land here directly, not via a copy. Call
+    /// [`LineReader::appended`] with the length it had before the read.
+    pub fn buffer_for_read(&mut self, want: usize) -> &mut Vec<u8> {
+        self.compact();
+        self.buf.reserve(want);
+        &mut self.buf
+    }
+
+    /// Takes in the bytes a read appended after `start` (the buffer's length before it).
+    pub fn appended(&mut self, start: usize) {
+        if self.discarding && self.pos == start {
+            match skip_to_lf(&self.buf[start..]) {
                 Some(n) => {
                     self.discarding = false;
-                    bytes = &bytes[n..];
+                    self.pos += n;
                 }
-                None => return,
+                None => self.buf.truncate(start),
             }
         }
-        self.compact();
-        self.buf.extend_from_slice(bytes);
     }
 
     /// The next command line. `limit` bounds ordinary lines and `auth_limit` lines that
@@ -120,6 +136,10 @@ impl LineReader {
         if self.pos == self.buf.len() {
             self.buf.clear();
             self.pos = 0;
+            if self.buf.capacity() > KEEP_WHEN_EMPTY {
+                // A message went through; an idle session keeps only a small buffer.
+                self.buf = Vec::new();
+            }
         } else if self.pos >= COMPACT_AT {
             self.buf.drain(..self.pos);
             self.pos = 0;
@@ -329,6 +349,32 @@ mod tests {
         assert_eq!(reader.pending(), b"RSET\r\n");
         reader.clear();
         assert_eq!(reader.next_line(LIMIT, AUTH_LIMIT), Next::NeedMore);
+    }
+
+    #[test]
+    fn reads_land_in_place_and_an_emptied_buffer_shrinks() {
+        let mut reader = LineReader::new();
+        let message = vec![b'x'; 64 * 1024];
+        let buf = reader.buffer_for_read(message.len());
+        let start = buf.len();
+        buf.extend_from_slice(&message);
+        reader.appended(start);
+        assert_eq!(reader.pending().len(), message.len());
+        reader.consume(message.len());
+        // The next read starts from a small buffer again.
+        assert!(reader.buffer_for_read(16).capacity() <= KEEP_WHEN_EMPTY);
+        // While an overlong line is thrown away, bytes read in place are dropped up to its
+        // LF, just as pushed ones are.
+        reader.push(&vec![b'A'; 5000]);
+        assert_eq!(
+            reader.next_line(LIMIT, AUTH_LIMIT),
+            Next::TooLong { auth: false }
+        );
+        let buf = reader.buffer_for_read(16);
+        let start = buf.len();
+        buf.extend_from_slice(b"AAAA\r\nNOOP\r\n");
+        reader.appended(start);
+        assert_eq!(reader.next_line(LIMIT, AUTH_LIMIT), line("NOOP\r\n"));
     }
 
     #[test]

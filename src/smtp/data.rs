@@ -10,6 +10,8 @@
 //! CRLF, and a lone "." that is not our end of data is sent as "..", so the
 //! upstream's end of data is always the one we found.
 
+use std::ops::Range;
+
 use memchr::memchr2;
 
 /// Result of [`DataFramer::feed`].
@@ -21,6 +23,47 @@ pub enum Feed {
     /// including the terminating ".\r\n"; the rest belongs to the commands
     /// that follow (pipelining).
     End { consumed: usize },
+}
+
+/// One piece of framed output from [`DataFramer::feed_pieces`]: bytes of the input, passed on
+/// as they are, or a few bytes of the framer's own (a CRLF for a bare line end, a doubled
+/// dot, or held bytes from the previous input).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    Input(Range<usize>),
+    Literal(&'static [u8]),
+}
+
+/// Where framed bytes go: appended to a buffer, or described as [`Piece`]s.
+trait Output {
+    fn input(&mut self, input: &[u8], range: Range<usize>);
+    fn literal(&mut self, bytes: &'static [u8]);
+}
+
+impl Output for Vec<u8> {
+    fn input(&mut self, input: &[u8], range: Range<usize>) {
+        self.extend_from_slice(&input[range]);
+    }
+
+    fn literal(&mut self, bytes: &'static [u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+impl Output for Vec<Piece> {
+    fn input(&mut self, _: &[u8], range: Range<usize>) {
+        if range.is_empty() {
+            return;
+        }
+        match self.last_mut() {
+            Some(Piece::Input(last)) if last.end == range.start => last.end = range.end,
+            _ => self.push(Piece::Input(range)),
+        }
+    }
+
+    fn literal(&mut self, bytes: &'static [u8]) {
+        self.push(Piece::Literal(bytes));
+    }
 }
 
 /// Where we are in the input. Bytes whose meaning depends on what follows
@@ -55,6 +98,9 @@ pub struct DataFramer {
     state: State,
     bytes_out: u64,
     normalised: u64,
+    /// Where, in the current input, the bytes held in `state` (a leading dot, a CR) are;
+    /// `None` when they came with an earlier input.
+    held_at: Option<usize>,
 }
 
 impl Default for DataFramer {
@@ -69,6 +115,7 @@ impl DataFramer {
             state: State::LineStart { after_crlf: true },
             bytes_out: 0,
             normalised: 0,
+            held_at: None,
         }
     }
 
@@ -87,24 +134,51 @@ impl DataFramer {
     /// Once `End` has been returned, further calls consume nothing and
     /// return `End { consumed: 0 }`.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Feed {
-        let start = out.len();
-        let result = self.run(input, out);
-        self.bytes_out += out.len().saturating_sub(start) as u64;
-        result
+        self.run(input, out)
     }
 
-    fn run(&mut self, input: &[u8], out: &mut Vec<u8>) -> Feed {
+    /// Like [`DataFramer::feed`], but describes the bytes to forward as pieces of `input`
+    /// and literals instead of copying them, so the message can go from the client's buffer
+    /// to the TLS layer without a copy in between. The pieces are appended to `out`; those
+    /// of one call refer to that call's `input`.
+    pub fn feed_pieces(&mut self, input: &[u8], out: &mut Vec<Piece>) -> Feed {
+        self.run(input, out)
+    }
+
+    fn emit(&mut self, out: &mut impl Output, input: &[u8], range: Range<usize>) {
+        self.bytes_out += range.len() as u64;
+        out.input(input, range);
+    }
+
+    fn emit_literal(&mut self, out: &mut impl Output, bytes: &'static [u8]) {
+        self.bytes_out += bytes.len() as u64;
+        out.literal(bytes);
+    }
+
+    /// A CRLF for a real CRLF whose CR is held: from the input when both bytes are in it.
+    fn emit_crlf(&mut self, out: &mut impl Output, input: &[u8], lf_at: usize) {
+        match self.held_at {
+            Some(cr) if cr + 1 == lf_at => self.emit(out, input, cr..lf_at + 1),
+            _ => self.emit_literal(out, b"\r\n"),
+        }
+    }
+
+    fn run(&mut self, input: &[u8], out: &mut impl Output) -> Feed {
+        // Held bytes, if any, came with an earlier input.
+        self.held_at = None;
         let mut i = 0;
         while let Some(&b) = input.get(i) {
             match self.state {
                 State::LineStart { after_crlf } => match b {
                     b'.' => {
                         self.state = State::Dot { after_crlf };
+                        self.held_at = Some(i);
                         i += 1;
                     }
                     // An empty line so far: the CR is judged like any other.
                     b'\r' => {
                         self.state = State::MidCr;
+                        self.held_at = Some(i);
                         i += 1;
                     }
                     b'\n' => {
@@ -122,15 +196,18 @@ impl DataFramer {
                     b'\n' => {
                         // A lone "." ended by a bare LF: some servers would
                         // take it as end of data, so make it content.
-                        out.extend_from_slice(b"..\r\n");
+                        self.emit_literal(out, b"..\r\n");
                         self.normalised += 1;
                         self.state = State::LineStart { after_crlf: false };
                         i += 1;
                     }
                     // Any other byte (including a second dot) makes this an
-                    // ordinary line; copy the dot and carry on unchanged.
+                    // ordinary line; pass the dot on and carry on unchanged.
                     _ => {
-                        out.push(b'.');
+                        match self.held_at {
+                            Some(dot) => self.emit(out, input, dot..dot + 1),
+                            None => self.emit_literal(out, b"."),
+                        }
                         self.state = State::Mid;
                     }
                 },
@@ -143,11 +220,11 @@ impl DataFramer {
                         }
                         // ".\r\n" that began after a bare line end: not our
                         // end of data, so it must not be the upstream's.
-                        out.extend_from_slice(b"..\r\n");
+                        self.emit_literal(out, b"..\r\n");
                         self.state = State::LineStart { after_crlf: true };
                     } else {
                         // ".\r" with a bare CR; `b` starts the next line.
-                        out.extend_from_slice(b"..\r\n");
+                        self.emit_literal(out, b"..\r\n");
                         self.normalised += 1;
                         self.state = State::LineStart { after_crlf: false };
                     }
@@ -156,27 +233,29 @@ impl DataFramer {
                     let rest = &input[i..];
                     match memchr2(b'\r', b'\n', rest) {
                         None => {
-                            out.extend_from_slice(rest);
+                            self.emit(out, input, i..input.len());
                             i = input.len();
                         }
                         Some(k) => {
-                            out.extend_from_slice(&rest[..k]);
-                            i += k + 1;
+                            self.emit(out, input, i..i + k);
                             if rest[k] == b'\r' {
                                 self.state = State::MidCr;
+                                self.held_at = Some(i + k);
                             } else {
                                 self.bare_line_end(out);
                             }
+                            i += k + 1;
                         }
                     }
                 }
                 State::MidCr => {
-                    out.extend_from_slice(b"\r\n");
                     if b == b'\n' {
+                        self.emit_crlf(out, input, i);
                         i += 1;
                         self.state = State::LineStart { after_crlf: true };
                     } else {
                         // Bare CR; `b` starts the next line.
+                        self.emit_literal(out, b"\r\n");
                         self.normalised += 1;
                         self.state = State::LineStart { after_crlf: false };
                     }
@@ -191,8 +270,8 @@ impl DataFramer {
         Feed::NeedMore
     }
 
-    fn bare_line_end(&mut self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"\r\n");
+    fn bare_line_end(&mut self, out: &mut impl Output) {
+        self.emit_literal(out, b"\r\n");
         self.normalised += 1;
         self.state = State::LineStart { after_crlf: false };
     }
@@ -211,16 +290,49 @@ mod tests {
         normalised: u64,
     }
 
-    fn run_chunks<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> Outcome {
+    fn run_chunks<'a>(chunks: impl IntoIterator<Item = &'a [u8]> + Clone) -> Outcome {
+        let mut framer = DataFramer::new();
+        let mut out = Vec::new();
+        let mut offset = 0;
+        let mut end = None;
+        for chunk in chunks.clone() {
+            match framer.feed(chunk, &mut out) {
+                Feed::NeedMore => offset += chunk.len(),
+                Feed::End { consumed } => {
+                    assert!(consumed <= chunk.len());
+                    end = Some(offset + consumed);
+                    break;
+                }
+            }
+        }
+        assert_eq!(framer.bytes_out(), out.len() as u64);
+        let outcome = Outcome {
+            out,
+            end,
+            normalised: framer.normalised_line_ends(),
+        };
+        assert_eq!(run_pieces(chunks), outcome, "pieces and copies differ");
+        outcome
+    }
+
+    /// The same run through [`DataFramer::feed_pieces`], with the pieces resolved to bytes.
+    fn run_pieces<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> Outcome {
         let mut framer = DataFramer::new();
         let mut out = Vec::new();
         let mut offset = 0;
         let mut end = None;
         for chunk in chunks {
-            match framer.feed(chunk, &mut out) {
+            let mut pieces = Vec::new();
+            let feed = framer.feed_pieces(chunk, &mut pieces);
+            for piece in pieces {
+                match piece {
+                    Piece::Input(range) => out.extend_from_slice(&chunk[range]),
+                    Piece::Literal(bytes) => out.extend_from_slice(bytes),
+                }
+            }
+            match feed {
                 Feed::NeedMore => offset += chunk.len(),
                 Feed::End { consumed } => {
-                    assert!(consumed <= chunk.len());
                     end = Some(offset + consumed);
                     break;
                 }
@@ -404,6 +516,30 @@ mod tests {
             assert_eq!(reference(input), want, "reference on {input:?}");
             check_invariants(input, &got);
         }
+    }
+
+    #[test]
+    fn clean_input_passes_through_as_one_piece() {
+        let mut framer = DataFramer::new();
+        let mut pieces = Vec::new();
+        let body = b"Subject: x\r\n\r\n..stuffed\r\nline\r\n";
+        assert_eq!(framer.feed_pieces(body, &mut pieces), Feed::NeedMore);
+        assert_eq!(pieces, vec![Piece::Input(0..body.len())]);
+        // A CRLF cut by a read: the held CR comes back as a literal with its LF.
+        pieces.clear();
+        assert_eq!(framer.feed_pieces(b"end\r", &mut pieces), Feed::NeedMore);
+        assert_eq!(
+            framer.feed_pieces(b"\nmore.\r\n.\r\n", &mut pieces),
+            Feed::End { consumed: 11 }
+        );
+        assert_eq!(
+            pieces,
+            vec![
+                Piece::Input(0..3),
+                Piece::Literal(b"\r\n"),
+                Piece::Input(1..8)
+            ]
+        );
     }
 
     #[test]

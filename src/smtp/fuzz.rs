@@ -8,7 +8,7 @@
 //! bare CR or LF, and does not depend on how its input was split.
 
 use crate::smtp::command::{self, LineReader, Next};
-use crate::smtp::data::{DataFramer, Feed};
+use crate::smtp::data::{DataFramer, Feed, Piece};
 use crate::smtp::sasl::{self, Exchange, Mechanism, Step};
 
 const LIMIT: usize = 64;
@@ -129,9 +129,37 @@ fn framed<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> (Vec<u8>, Option<us
     (out, None)
 }
 
+/// The same through `feed_pieces`, the pieces resolved to the bytes they stand for.
+fn framed_pieces<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> (Vec<u8>, Option<usize>) {
+    let mut framer = DataFramer::new();
+    let mut out = Vec::new();
+    let mut offset = 0;
+    for chunk in chunks {
+        let mut pieces = Vec::new();
+        let feed = framer.feed_pieces(chunk, &mut pieces);
+        for piece in pieces {
+            match piece {
+                Piece::Input(range) => out.extend_from_slice(&chunk[range]),
+                Piece::Literal(bytes) => out.extend_from_slice(bytes),
+            }
+        }
+        match feed {
+            Feed::NeedMore => offset += chunk.len(),
+            Feed::End { consumed } => return (out, Some(offset + consumed)),
+        }
+    }
+    (out, None)
+}
+
 /// The DATA framer (the SMTP smuggling defence).
 pub fn data_framer(data: &[u8]) {
     let (out, end) = framed([data]);
+    let (a, b) = data.split_at(cut_of(data));
+    assert_eq!(
+        framed_pieces([a, b]),
+        (out.clone(), end),
+        "pieces differ from copies"
+    );
     let (a, b) = data.split_at(cut_of(data));
     assert_eq!(
         framed([a, b]),

@@ -325,6 +325,11 @@ upstream_tls = "{upstream_tls}"
 
     /// Stops accepting and waits for sessions to end.
     pub async fn shutdown(mut self) {
+        self.stop_bridge().await;
+    }
+
+    /// Like [`Stage::shutdown`], keeping the fakes for a look at what they saw.
+    pub async fn stop_bridge(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

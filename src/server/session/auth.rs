@@ -1,6 +1,8 @@
 //! Local login (AUTH PLAIN and LOGIN against the configured hashes, throttled per source
-//! address) and what it unlocks: an authenticated connection to the provider, opened with the
-//! account's access token.
+//! address) and what it unlocks: authenticated sessions with the provider, opened with the
+//! account's access token and lent from the account's pool, one per transaction.
+
+use std::sync::Arc;
 
 use super::client::{End, Input};
 use super::{AUTH_LINE_LIMIT, Session};
@@ -10,6 +12,7 @@ use crate::ops::metrics::AuthFailure;
 use crate::server::Shared;
 use crate::smtp::Reply;
 use crate::smtp::sasl::{Credentials, Exchange, Failure, Mechanism, SaslError, Step};
+use crate::upstream::pool::{AcquireError, Lease, Opener};
 use crate::upstream::{Phase, Target, Upstream, UpstreamError};
 
 impl Session {
@@ -149,7 +152,7 @@ impl Session {
         tracing::Span::current().record("account", account_name.as_str());
         tracing::debug!("local authentication succeeded");
 
-        match self.open_upstream(index).await {
+        match self.check_upstream(index).await {
             Ok(()) => {
                 self.account = Some(index);
                 self.shared.metrics.auth_succeeded();
@@ -160,70 +163,162 @@ impl Session {
         Ok(())
     }
 
-    /// Gets a token and an authenticated upstream connection for the account. On failure the
-    /// reply for the client says whether to retry (4xx) or call the administrator (5xx).
-    pub(super) async fn open_upstream(&mut self, index: usize) -> Result<(), Reply> {
+    /// At AUTH, makes sure the account can send: free when the pool already holds a session
+    /// for it; otherwise a token is fetched and a session opened (and pooled for the client's
+    /// first MAIL), so token and provider problems are reported at AUTH as before. A provider
+    /// that says it has too many sessions for the mailbox has accepted the token; the
+    /// client's MAIL will wait for a session.
+    async fn check_upstream(&mut self, index: usize) -> Result<(), Reply> {
         let shared = self.shared.clone();
         let account = &shared.config.accounts[index];
-        let mut token = match shared.tokens.token(&account.identity).await {
-            Ok(token) => token,
-            Err(e) => return Err(token_error_reply(&shared, &e)),
-        };
-        let mut refreshed = false;
-        loop {
-            let started = tokio::time::Instant::now();
-            let connected = Upstream::connect(&self.target(account), &token).await;
-            shared
-                .metrics
-                .upstream_latency("connect", started.elapsed());
-            match connected {
-                Ok(upstream) => {
-                    shared.metrics.upstream_ok(&account.name);
-                    tracing::debug!(upstream = %account.upstream.host, "upstream authenticated");
-                    self.upstream = Some(upstream);
-                    return Ok(());
-                }
-                Err(e) => {
-                    let refused_token = matches!(
-                        (e.reply(), &e),
-                        (Some(r), UpstreamError::Rejected { phase: Phase::Auth, .. })
-                            if matches!(r.enhanced(), Some("5.7.3" | "5.5.127" | "4.7.0"))
-                                || (r.code() == 535 && r.enhanced().is_none())
-                    );
-                    if refused_token && !refreshed {
-                        // The provider refused a token we thought valid (revoked, or too close
-                        // to expiry for it): get a fresh one and try once more.
-                        tracing::warn!(account = %account.name, error = %e, "upstream refused the access token; fetching a new one");
-                        refreshed = true;
-                        token = match shared.tokens.replace(&account.identity, &token).await {
-                            Ok(t) => t,
-                            Err(e) => return Err(token_error_reply(&shared, &e)),
-                        };
-                        continue;
-                    }
-                    tracing::warn!(account = %account.name, error = %e, fix = e.reply().and_then(crate::hints::fix_for_reply), "cannot open the upstream session");
-                    shared
-                        .metrics
-                        .upstream_failed(&account.name, &e.to_string());
-                    shared.metrics.auth_failed(AuthFailure::Upstream);
-                    return Err(upstream_auth_reply(&e));
-                }
+        let mailbox = self.mailbox_of(account);
+        let pool = shared.pool.account(account, &mailbox);
+        if pool.is_warm() {
+            return Ok(());
+        }
+        match pool
+            .acquire(async || Box::pin(open_session(&shared, account, &mailbox)).await)
+            .await
+        {
+            Ok(lease) => {
+                lease.release();
+                Ok(())
             }
+            Err(AcquireError::Busy | AcquireError::Open(OpenFailure::ProviderBusy)) => Ok(()),
+            Err(AcquireError::Open(OpenFailure::Refused(reply))) => Err(reply),
         }
     }
 
-    fn target<'a>(&'a self, account: &'a Account) -> Target<'a> {
-        Target {
-            settings: &account.upstream,
-            tls: &self.shared.tls_client,
-            ehlo_name: &self.shared.config.server.hostname,
-            mailbox: self
-                .mailbox
-                .as_deref()
-                .or(account.mailbox.as_deref())
-                .unwrap_or_default(),
-            timeouts: self.shared.config.timeouts,
+    /// A session for the client's transaction, from the pool or newly opened. The reply on
+    /// failure is the client's answer to its MAIL.
+    pub(super) async fn lease(&mut self, index: usize) -> Result<Lease, Reply> {
+        let shared = self.shared.clone();
+        let account = &shared.config.accounts[index];
+        let mailbox = self.mailbox_of(account);
+        let pool = shared.pool.account(account, &mailbox);
+        pool.set_opener_if_missing(|| opener(&shared, index, &mailbox));
+        match pool
+            .acquire(async || Box::pin(open_session(&shared, account, &mailbox)).await)
+            .await
+        {
+            Ok(lease) => Ok(lease),
+            Err(AcquireError::Busy | AcquireError::Open(OpenFailure::ProviderBusy)) => {
+                tracing::info!(
+                    account = %account.name,
+                    max_sessions = shared.config.pool.max_sessions,
+                    "no provider session free for this account within pool.wait; client told to retry"
+                );
+                Err(self.own_reply(
+                    451,
+                    "4.3.2",
+                    "All sessions to the mail provider for this account are busy; try again later",
+                ))
+            }
+            Err(AcquireError::Open(OpenFailure::Refused(reply))) => Err(reply),
         }
+    }
+
+    /// The address the provider session logs in as (XOAUTH2's `user=`): the one the client
+    /// logged in with for a `*@domain` account, else the account's.
+    fn mailbox_of(&self, account: &Account) -> String {
+        self.mailbox
+            .as_deref()
+            .or(account.mailbox.as_deref())
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// How the pool opens a replacement session for `index` sending as `mailbox`, with no client
+/// waiting. It holds the configuration weakly: after a reload the pool asks for a new one.
+fn opener(shared: &Arc<Shared>, index: usize, mailbox: &str) -> Opener {
+    let shared = Arc::downgrade(shared);
+    let mailbox = mailbox.to_string();
+    Arc::new(move || {
+        let (shared, mailbox) = (shared.clone(), mailbox.clone());
+        Box::pin(async move {
+            let shared = shared.upgrade()?;
+            let account = shared.config.accounts.get(index)?;
+            open_session(&shared, account, &mailbox).await.ok()
+        })
+    })
+}
+
+/// Why no provider session could be opened.
+enum OpenFailure {
+    /// The reply for the client: whether to retry (4xx) or call the administrator (5xx).
+    Refused(Reply),
+    /// The provider refused one more concurrent session for the mailbox (`432 4.3.2`):
+    /// something else uses it too, and the bridge's cap is higher than what is left.
+    ProviderBusy,
+}
+
+/// Gets a token and opens an authenticated provider session. A token the provider refuses is
+/// replaced once by a fresh one. Callers box this future: it is large (TLS handshake, token
+/// request) and rarely needed, and every session's task would otherwise reserve room for it.
+async fn open_session(
+    shared: &Shared,
+    account: &Account,
+    mailbox: &str,
+) -> Result<Upstream, OpenFailure> {
+    let mut token = match shared.tokens.token(&account.identity).await {
+        Ok(token) => token,
+        Err(e) => return Err(OpenFailure::Refused(token_error_reply(shared, &e))),
+    };
+    let target = Target {
+        settings: &account.upstream,
+        tls: &shared.tls_client,
+        ehlo_name: &shared.config.server.hostname,
+        mailbox,
+        timeouts: shared.config.timeouts,
+    };
+    let mut refreshed = false;
+    loop {
+        let started = tokio::time::Instant::now();
+        let connected = Upstream::connect(&target, &token).await;
+        shared
+            .metrics
+            .upstream_latency("connect", started.elapsed());
+        let e = match connected {
+            Ok(upstream) => {
+                shared.metrics.upstream_ok(&account.name);
+                tracing::debug!(upstream = %account.upstream.host, "upstream authenticated");
+                return Ok(upstream);
+            }
+            Err(e) => e,
+        };
+        let auth_reply = match &e {
+            UpstreamError::Rejected {
+                phase: Phase::Auth,
+                reply,
+            } => Some(reply),
+            _ => None,
+        };
+        if auth_reply.is_some_and(|r| r.code() == 432) {
+            tracing::warn!(account = %account.name, error = %e, "the provider refused another concurrent session for this mailbox; is something else sending as it? Lower pool.max_sessions if so");
+            return Err(OpenFailure::ProviderBusy);
+        }
+        let refused_token = auth_reply.is_some_and(|r| {
+            matches!(r.enhanced(), Some("5.7.3" | "5.5.127" | "4.7.0"))
+                || (r.code() == 535 && r.enhanced().is_none())
+        });
+        if refused_token && !refreshed {
+            // The provider refused a token we thought valid (revoked, or too close to expiry
+            // for it): get a fresh one and try once more.
+            tracing::warn!(account = %account.name, error = %e, "upstream refused the access token; fetching a new one");
+            refreshed = true;
+            token = match shared.tokens.replace(&account.identity, &token).await {
+                Ok(t) => t,
+                Err(e) => return Err(OpenFailure::Refused(token_error_reply(shared, &e))),
+            };
+            continue;
+        }
+        tracing::warn!(account = %account.name, error = %e, fix = e.reply().and_then(crate::hints::fix_for_reply), "cannot open the upstream session");
+        shared
+            .metrics
+            .upstream_failed(&account.name, &e.to_string());
+        shared.metrics.auth_failed(AuthFailure::Upstream);
+        return Err(OpenFailure::Refused(upstream_auth_reply(&e)));
     }
 }
 

@@ -17,7 +17,11 @@ use crate::io::Stream;
 use crate::server::Lifecycle;
 use crate::smtp::command::{LineReader, Next};
 
-const READ_CHUNK: usize = 16 * 1024;
+/// Room for one read while waiting for commands: a pipelined group fits, and an idle
+/// session holds no more than this.
+const COMMAND_READ: usize = 1024;
+/// Room for one read of message data: the largest TLS record, so a read takes a whole one.
+const DATA_READ: usize = 16 * 1024;
 
 /// Why the conversation with the client is over, other than a normal QUIT.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +55,6 @@ pub struct Client {
     stream: Option<Stream>,
     reader: LineReader,
     out: Vec<u8>,
-    chunk: Box<[u8]>,
     idle: Duration,
     session_limit: Duration,
     session_deadline: Instant,
@@ -73,8 +76,7 @@ impl Client {
         Client {
             stream: Some(stream),
             reader: LineReader::new(),
-            out: Vec::with_capacity(1024),
-            chunk: vec![0; READ_CHUNK].into_boxed_slice(),
+            out: Vec::new(),
             idle,
             session_limit,
             session_deadline: Instant::now() + session_limit,
@@ -131,7 +133,7 @@ impl Client {
             match self.reader.next_line(limit, auth_limit) {
                 Next::Line(line) => return Ok(Input::Line(line)),
                 Next::TooLong { auth } => return Ok(Input::TooLong { auth }),
-                Next::NeedMore => self.fill(deadline, in_transaction).await?,
+                Next::NeedMore => self.fill(deadline, in_transaction, COMMAND_READ).await?,
             }
         }
     }
@@ -139,7 +141,7 @@ impl Client {
     /// More message bytes during DATA, waiting at most `client_idle` for them.
     pub async fn fill_data(&mut self) -> Result<(), End> {
         let deadline = Instant::now() + self.idle;
-        self.fill(deadline, true).await
+        self.fill(deadline, true, DATA_READ).await
     }
 
     /// Sends queued replies; a client that does not take them within `client_idle` is gone.
@@ -164,7 +166,12 @@ impl Client {
 
     /// Reads more bytes, flushing pending replies first so a waiting client is never left
     /// without its answers. On a timeout the client hears 421 before the close.
-    async fn fill(&mut self, deadline: Instant, in_transaction: bool) -> Result<(), End> {
+    async fn fill(
+        &mut self,
+        deadline: Instant,
+        in_transaction: bool,
+        want: usize,
+    ) -> Result<(), End> {
         self.flush().await?;
         if self.refusing_new_work(in_transaction) {
             return Err(self.shutting_down());
@@ -174,14 +181,16 @@ impl Client {
         let Some(stream) = self.stream.as_mut() else {
             return Err(End::Closed);
         };
+        let buf = self.reader.buffer_for_read(want);
+        let start = buf.len();
         let read = tokio::select! {
-            read = tokio::time::timeout_at(deadline, stream.read(&mut self.chunk)) => Some(read),
+            read = tokio::time::timeout_at(deadline, stream.read_buf(buf)) => Some(read),
             _ = wait_for_stop(&mut self.lifecycle, in_transaction) => None,
         };
         let Some(read) = read else {
             return Err(self.shutting_down());
         };
-        let n = match read {
+        match read {
             Err(_) if session_over => {
                 self.goodbye(b"421 4.4.2 Session time limit reached, closing connection\r\n")
                     .await;
@@ -194,14 +203,15 @@ impl Client {
             }
             Ok(Err(e)) => return Err(End::Io(e)),
             Ok(Ok(0)) => return Err(End::Closed),
-            Ok(Ok(n)) => n,
-        };
+            Ok(Ok(_)) => {}
+        }
+        // Nothing was buffered before the first read, so what is pending is what it brought.
         if std::mem::take(&mut self.first_read)
-            && crate::smtp::command::looks_like_tls(&self.chunk[..n])
+            && crate::smtp::command::looks_like_tls(self.reader.pending())
         {
             return Err(End::TlsOnPlaintextPort);
         }
-        self.reader.push(&self.chunk[..n]);
+        self.reader.appended(start);
         Ok(())
     }
 

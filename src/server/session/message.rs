@@ -8,8 +8,9 @@
 
 use super::Session;
 use super::client::End;
+use crate::smtp::data::Piece;
 use crate::smtp::headers::{from_addresses, header_section_end};
-use crate::smtp::{DataFramer, Feed};
+use crate::smtp::{DataFramer, Feed, Reply};
 use crate::upstream::{Phase, UpstreamError};
 
 /// How much of the header section is held back for the `From:` check; a message whose
@@ -93,21 +94,14 @@ impl Session {
     }
 
     /// Feeds buffered client bytes through the framer into `out`, reading more first when
-    /// nothing is buffered. True at the end of the message. A client that vanishes here
-    /// takes the upstream connection with it, without the final dot, so the provider
-    /// discards the partial message.
+    /// nothing is buffered. True at the end of the message.
     async fn next_piece(
         &mut self,
         framer: &mut DataFramer,
         out: &mut Vec<u8>,
     ) -> Result<bool, End> {
-        if self.client.pending().is_empty()
-            && let Err(e) = self.client.fill_data().await
-        {
-            self.upstream = None;
-            self.transaction = None;
-            tracing::debug!(error = %e, "client gone during DATA; message discarded");
-            return Err(e);
+        if self.client.pending().is_empty() {
+            self.fill_message().await?;
         }
         match framer.feed(self.client.pending(), out) {
             Feed::NeedMore => {
@@ -122,6 +116,19 @@ impl Session {
         }
     }
 
+    /// More message bytes from the client. A client that vanishes here takes the upstream
+    /// connection with it, without the final dot, so the provider discards the partial
+    /// message.
+    async fn fill_message(&mut self) -> Result<(), End> {
+        if let Err(e) = self.client.fill_data().await {
+            self.upstream = None;
+            self.transaction = None;
+            tracing::debug!(error = %e, "client gone during DATA; message discarded");
+            return Err(e);
+        }
+        Ok(())
+    }
+
     async fn discard_rest(&mut self, framer: &mut DataFramer, mut ended: bool) -> Result<(), End> {
         let mut scratch = Vec::new();
         while !ended {
@@ -131,34 +138,65 @@ impl Session {
         Ok(())
     }
 
-    /// Copies the message to the upstream as it arrives (starting with `out`, bytes already
-    /// framed), then relays the upstream's verdict.
-    async fn stream_message(
+    /// Passes the message to the upstream as it arrives (starting with `held`, bytes already
+    /// framed), then relays the upstream's verdict. The framer describes each read as pieces
+    /// of the client's buffer, which go to the TLS layer as they are: the message is never
+    /// copied on its way through, and the last bytes travel with the final dot.
+    pub(super) async fn stream_message(
         &mut self,
         mut framer: DataFramer,
-        mut out: Vec<u8>,
+        held: Vec<u8>,
         mut ended: bool,
     ) -> Result<(), End> {
         let max_size = self.shared.config.server.max_message_size;
-        let mut upstream_failure: Option<UpstreamError> = None;
+        let mut failure: Option<UpstreamError> = None;
+        let mut verdict = None;
         let mut too_big = false;
+        let mut held = Some(held);
+        let mut pieces = Vec::new();
         loop {
-            if framer.bytes_out() > max_size {
-                too_big = true;
+            if !ended && self.client.pending().is_empty() {
+                self.fill_message().await?;
             }
+            pieces.clear();
+            let pending = self.client.pending();
+            let consumed = if ended {
+                0
+            } else {
+                match framer.feed_pieces(pending, &mut pieces) {
+                    Feed::NeedMore => pending.len(),
+                    Feed::End { consumed } => {
+                        ended = true;
+                        consumed
+                    }
+                }
+            };
+            too_big |= framer.bytes_out() > max_size;
             if !too_big
-                && upstream_failure.is_none()
-                && !out.is_empty()
+                && failure.is_none()
                 && let Some(upstream) = self.upstream.as_mut()
-                && let Err(e) = upstream.write_data(&out).await
             {
-                upstream_failure = Some(e);
+                let first = held.take().unwrap_or_default();
+                let mut parts: Vec<&[u8]> = Vec::with_capacity(pieces.len() + 1);
+                parts.push(&first);
+                parts.extend(pieces.iter().map(|piece| match piece {
+                    Piece::Input(range) => &pending[range.clone()],
+                    Piece::Literal(bytes) => *bytes,
+                }));
+                if ended {
+                    let started = tokio::time::Instant::now();
+                    verdict = Some(upstream.finish_data(&parts).await);
+                    self.shared
+                        .metrics
+                        .upstream_latency("end_of_data", started.elapsed());
+                } else if let Err(e) = upstream.write_data(&parts).await {
+                    failure = Some(e);
+                }
             }
-            out.clear();
+            self.client.consume(consumed);
             if ended {
                 break;
             }
-            ended = self.next_piece(&mut framer, &mut out).await?;
         }
         let recipients = self
             .transaction
@@ -186,7 +224,7 @@ impl Session {
             );
             return Ok(());
         }
-        if let Some(e) = upstream_failure {
+        if let Some(e) = failure {
             tracing::warn!(error = %e, "upstream failed during DATA; message not sent");
             self.upstream = None;
             self.reply(
@@ -196,12 +234,19 @@ impl Session {
             );
             return Ok(());
         }
-        self.finish_message(framer.bytes_out(), recipients).await;
+        self.finish_message(verdict, framer.bytes_out(), recipients);
         Ok(())
     }
 
-    async fn finish_message(&mut self, size: u64, recipients: usize) {
-        let Some(upstream) = self.upstream.as_mut() else {
+    /// Relays the provider's verdict on the message (`None`: there was no provider
+    /// connection to send it on) and gives the session back to the pool.
+    fn finish_message(
+        &mut self,
+        verdict: Option<Result<Reply, UpstreamError>>,
+        size: u64,
+        recipients: usize,
+    ) {
+        let Some(verdict) = verdict else {
             self.reply(
                 451,
                 "4.4.2",
@@ -213,11 +258,6 @@ impl Session {
             || "-".to_string(),
             |i| self.shared.config.accounts[i].name.clone(),
         );
-        let started = tokio::time::Instant::now();
-        let verdict = upstream.finish_data().await;
-        self.shared
-            .metrics
-            .upstream_latency("end_of_data", started.elapsed());
         match verdict {
             Ok(reply) => {
                 if reply.is_positive_completion() {
@@ -225,6 +265,13 @@ impl Session {
                     tracing::info!(account, size, recipients, code = reply.code(), reply = %reply.text(), "message relayed");
                 } else {
                     tracing::warn!(account, size, recipients, code = reply.code(), reply = %reply.text(), fix = crate::hints::fix_for_reply(&reply), "provider refused the message");
+                }
+                if reply.code() != 421
+                    && let Some(mut lease) = self.upstream.take()
+                {
+                    // The transaction is over either way; the session serves the next one.
+                    lease.count_message();
+                    lease.release();
                 }
                 self.relay(reply);
             }

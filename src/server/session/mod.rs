@@ -1,7 +1,8 @@
 //! One client connection from greeting to QUIT: the SMTP state machine toward the legacy
 //! client. Its parts: `client` (the socket, buffers and clocks), `auth` (local login and
-//! the authenticated upstream connection), `relay` (MAIL, RCPT, RSET toward the provider)
-//! and `message` (DATA, streamed, with the optional `From:` check).
+//! getting provider sessions from the pool), `relay` (MAIL, RCPT, RSET toward the provider),
+//! `pipeline` (forwarding a pipelined envelope in one write) and `message` (DATA, streamed,
+//! with the optional `From:` check).
 //!
 //! The client sees 250 for a message only when the provider said 250 for it. Replies are
 //! written in command order; they are buffered while more pipelined commands are waiting and
@@ -10,6 +11,7 @@
 mod auth;
 mod client;
 mod message;
+mod pipeline;
 mod relay;
 
 use std::net::SocketAddr;
@@ -20,7 +22,7 @@ use smtp_proto::Request;
 use crate::io::Stream;
 use crate::server::Shared;
 use crate::smtp::{MAX_WIRE_REPLY_LINE, Reply};
-use crate::upstream::Upstream;
+use crate::upstream::pool::Lease;
 
 pub use client::End;
 use client::{Client, Input};
@@ -47,7 +49,8 @@ pub struct Session {
     mailbox: Option<String>,
     /// The account this source address sends as without logging in (`no_auth_sources`).
     no_auth: Option<usize>,
-    upstream: Option<Upstream>,
+    /// The provider session lent for the transaction in progress; none between transactions.
+    upstream: Option<Lease>,
     transaction: Option<Transaction>,
     errors: u32,
     /// A 421 was relayed: the client was told the channel closes, so it does.
@@ -106,9 +109,9 @@ impl Session {
             }
             Err(e) => tracing::debug!(reason = %e, "session ended"),
         }
-        if let Some(upstream) = self.upstream.take() {
-            upstream.quit().await;
-        }
+        // A transaction left open (the client said QUIT after RCPT, or went quiet) is reset
+        // at the provider, and the session goes back to the pool.
+        self.rset_upstream().await;
         self.client.shutdown().await;
     }
 

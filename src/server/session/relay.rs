@@ -1,11 +1,13 @@
-//! The envelope toward the provider: MAIL (after the local policy checks, reconnecting first
-//! when the upstream connection died or grew old since the last message), RCPT and RSET, each
-//! relayed as the client's own line with the provider's reply passed back unchanged.
+//! The envelope toward the provider: MAIL (after the local policy checks, on a session lent
+//! by the account's pool), RCPT and RSET, each relayed as the client's own line with the
+//! provider's reply passed back unchanged. The session goes back to the pool when the
+//! transaction ends cleanly.
 //!
 //! Nothing is ever retried after the provider answered: a 4xx stays the client's to retry,
 //! and repeating a 5xx would only feed Office365's continuous-error throttling.
 
 use super::client::End;
+use super::pipeline::Ahead;
 use super::{Session, Transaction};
 use crate::smtp::Reply;
 use crate::upstream::{Phase, UpstreamError};
@@ -68,41 +70,10 @@ impl Session {
             );
             return Ok(());
         }
-        self.retire_old_upstream().await;
         let line = crlf_line(line);
-        // A connection that died or was dropped since the last message is replaced here,
-        // before the client hears anything, so a long-lived client connection keeps working.
-        let mut attempts = 0;
-        let reply = loop {
-            attempts += 1;
-            if self.upstream.is_none()
-                && let Err(reply) = self.open_upstream(index).await
-            {
-                reply.write_to(self.client.queue());
-                return Ok(());
-            }
-            let Some(upstream) = self.upstream.as_mut() else {
-                continue;
-            };
-            let started = tokio::time::Instant::now();
-            let result = upstream.command(Phase::Mail, &line).await;
-            self.shared
-                .metrics
-                .upstream_latency("command", started.elapsed());
-            match result {
-                Ok(reply) => break reply,
-                Err(e) if attempts == 1 && !matches!(e, UpstreamError::Timeout { .. }) => {
-                    tracing::debug!(error = %e, "upstream connection unusable; reconnecting");
-                    self.upstream = None;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "upstream failed at MAIL");
-                    self.upstream = None;
-                    let text = lost_text(&e);
-                    self.reply(451, "4.4.2", &text);
-                    return Ok(());
-                }
-            }
+        let ahead = self.pipelined_after_mail(index);
+        let Some((reply, batch)) = self.send_mail(index, &line, &ahead).await else {
+            return Ok(());
         };
         if reply.code() == 421 {
             self.upstream = None;
@@ -112,27 +83,75 @@ impl Session {
             });
         }
         self.relay(reply);
+        if batch {
+            self.pipelined_replies(&ahead).await?;
+        }
+        if self.transaction.is_none() {
+            // Nothing open at the provider: the session can serve the next transaction.
+            self.release_upstream();
+        }
         Ok(())
     }
 
-    /// Replaces, before a new transaction, an upstream connection older than
-    /// `timeouts.upstream_max_age`: providers cut long sessions, and a fresh connection
-    /// gets a current token.
-    async fn retire_old_upstream(&mut self) {
-        let max_age = self.shared.config.timeouts.upstream_max_age;
-        if self.upstream.as_ref().is_some_and(|u| u.age() >= max_age)
-            && let Some(old) = self.upstream.take()
-        {
-            tracing::debug!(
-                max_age_s = max_age.as_secs(),
-                "upstream connection retired by age"
-            );
-            // The goodbye need not delay the client's next message.
-            tokio::spawn(tracing::Instrument::instrument(
-                old.quit(),
-                tracing::Span::current(),
-            ));
+    /// Sends MAIL (with the commands the client pipelined after it, when the provider
+    /// pipelines too: `true` in the result) on a session from the pool, and reads MAIL's
+    /// reply. A pooled session the provider dropped while it idled shows up here as a closed
+    /// connection or a 421 before any reply; it is replaced before the client hears
+    /// anything. `None` means the client's reply is already queued.
+    async fn send_mail(
+        &mut self,
+        index: usize,
+        line: &[u8],
+        ahead: &[Ahead],
+    ) -> Option<(Reply, bool)> {
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            if self.upstream.is_none() {
+                match self.lease(index).await {
+                    Ok(lease) => self.upstream = Some(lease),
+                    Err(reply) => {
+                        reply.write_to(self.client.queue());
+                        return None;
+                    }
+                }
+            }
+            let lease = self.upstream.as_mut()?;
+            let retry = lease.reused() && attempt < ATTEMPTS;
+            let batch = !ahead.is_empty() && lease.capabilities().pipelining;
+            let started = tokio::time::Instant::now();
+            let result = if batch {
+                let mut lines = line.to_vec();
+                ahead.iter().for_each(|a| lines.extend_from_slice(&a.line));
+                match lease.send_pipelined(&lines).await {
+                    Ok(()) => lease.next_reply(Phase::Mail).await,
+                    Err(e) => Err(e),
+                }
+            } else {
+                lease.command(Phase::Mail, line).await
+            };
+            self.shared
+                .metrics
+                .upstream_latency("command", started.elapsed());
+            match result {
+                Ok(reply) if reply.code() == 421 && retry => {
+                    tracing::debug!(reply = %reply.text(), "pooled upstream session was closing; taking another");
+                    self.upstream = None;
+                }
+                Ok(reply) => return Some((reply, batch)),
+                Err(e) if retry && !matches!(e, UpstreamError::Timeout { .. }) => {
+                    tracing::debug!(error = %e, "pooled upstream session unusable; taking another");
+                    self.upstream = None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "upstream failed at MAIL");
+                    self.upstream = None;
+                    let text = lost_text(&e);
+                    self.reply(451, "4.4.2", &text);
+                    return None;
+                }
+            }
         }
+        None
     }
 
     pub(super) async fn rcpt(&mut self, line: &[u8]) -> Result<(), End> {
@@ -163,13 +182,23 @@ impl Session {
         Ok(())
     }
 
-    /// Abandons the provider's side of a transaction; a connection that cannot is dropped
-    /// (the next MAIL reconnects).
+    /// Abandons the provider's side of a transaction and gives the session back to the pool;
+    /// one that does not answer RSET with 250 is dropped instead.
     pub(super) async fn rset_upstream(&mut self) {
-        if let Some(upstream) = self.upstream.as_mut()
-            && upstream.command(Phase::Rset, b"RSET\r\n").await.is_err()
+        if let Some(mut lease) = self.upstream.take()
+            && lease
+                .command(Phase::Rset, b"RSET\r\n")
+                .await
+                .is_ok_and(|reply| reply.code() == 250)
         {
-            self.upstream = None;
+            lease.release();
+        }
+    }
+
+    /// Gives the session back to the pool after a transaction ended cleanly.
+    pub(super) fn release_upstream(&mut self) {
+        if let Some(lease) = self.upstream.take() {
+            lease.release();
         }
     }
 

@@ -1,6 +1,9 @@
 //! The SMTP client toward the provider: connect, TLS (STARTTLS or implicit), EHLO, and
-//! `AUTH XOAUTH2` in the two-step form; then one command at a time, each with its own
-//! timeout, keeping the provider's reply intact so the session can relay it.
+//! `AUTH XOAUTH2` in the two-step form; then one command at a time (or a pipelined group),
+//! each with its own timeout, keeping the provider's reply intact so the session can relay
+//! it. `pool` keeps authenticated sessions between client sessions.
+
+pub mod pool;
 
 use std::fmt;
 use std::sync::Arc;
@@ -8,7 +11,7 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use secrecy::ExposeSecret;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -286,16 +289,80 @@ impl Upstream {
         self.read_reply(phase, limit).await
     }
 
-    /// Writes message bytes during DATA.
-    pub async fn write_data(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
-        self.write_all(Phase::Data, bytes).await
+    /// NOOP, answered within `limit` (shorter than a command's usual timeout: a pooled
+    /// session slow to answer it is replaced rather than waited for).
+    pub async fn noop(&mut self, limit: Duration) -> Result<Reply, UpstreamError> {
+        let limit = limit.min(self.timeouts.upstream_command);
+        self.write_all(Phase::Command, b"NOOP\r\n").await?;
+        self.read_reply(Phase::Command, limit).await
     }
 
-    /// Ends DATA and waits (possibly minutes) for the provider's verdict on the message.
-    pub async fn finish_data(&mut self) -> Result<Reply, UpstreamError> {
-        self.write_all(Phase::DataEnd, b".\r\n").await?;
+    /// Writes several pipelined command lines at once (the provider advertised PIPELINING);
+    /// their replies are read one by one with [`Upstream::next_reply`].
+    pub async fn send_pipelined(&mut self, lines: &[u8]) -> Result<(), UpstreamError> {
+        self.write_all(Phase::Mail, lines).await
+    }
+
+    /// Reads the next reply, for commands sent with [`Upstream::send_pipelined`]; `phase`
+    /// names the command it answers.
+    pub async fn next_reply(&mut self, phase: Phase) -> Result<Reply, UpstreamError> {
+        let limit = self.timeouts.upstream_command;
+        self.read_reply(phase, limit).await
+    }
+
+    /// Whether an idle connection has stayed silent: nothing unread and nothing arriving now.
+    /// A provider that timed the session out has sent a 421 or closed it; either shows up
+    /// here without a round trip.
+    pub fn is_quiet(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        let mut read_buf = tokio::io::ReadBuf::new(&mut probe);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        // Pending is the only good answer; data, EOF or an error all mean the provider is
+        // done with this session.
+        std::pin::Pin::new(&mut self.stream)
+            .poll_read(&mut cx, &mut read_buf)
+            .is_pending()
+    }
+
+    /// Writes message bytes during DATA: the parts in order, in as few TLS records as they
+    /// fit, without gathering them into a buffer first.
+    pub async fn write_data(&mut self, parts: &[&[u8]]) -> Result<(), UpstreamError> {
+        self.write_parts(Phase::Data, parts).await
+    }
+
+    /// Writes the last message bytes and the final dot together, then waits (possibly
+    /// minutes) for the provider's verdict on the message.
+    pub async fn finish_data(&mut self, last: &[&[u8]]) -> Result<Reply, UpstreamError> {
+        let mut parts = Vec::with_capacity(last.len() + 1);
+        parts.extend_from_slice(last);
+        parts.push(&b".\r\n"[..]);
+        self.write_parts(Phase::DataEnd, &parts).await?;
         let limit = self.timeouts.upstream_data_end;
         self.read_reply(Phase::DataEnd, limit).await
+    }
+
+    async fn write_parts(&mut self, phase: Phase, parts: &[&[u8]]) -> Result<(), UpstreamError> {
+        let limit = self.timeouts.upstream_command;
+        let stream = &mut self.stream;
+        within(phase, limit, async {
+            let mut slices: Vec<std::io::IoSlice<'_>> =
+                parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+            let mut slices = &mut slices[..];
+            std::io::IoSlice::advance_slices(&mut slices, 0);
+            while !slices.is_empty() {
+                let n = stream.write_vectored(slices).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                std::io::IoSlice::advance_slices(&mut slices, n);
+            }
+            stream.flush().await
+        })
+        .await
     }
 
     /// Says goodbye politely; errors do not matter any more at this point.
