@@ -100,6 +100,40 @@ async fn failed_logins_are_throttled_per_source_and_the_right_password_works_lat
     assert_eq!(stage.token_endpoint.request_count(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_simultaneous_guesses_gets_no_more_checks_than_the_limit() {
+    let stage = Stage::start_with(common::Options {
+        tweak: Some(Box::new(|c| {
+            c.limits.auth_failures = 3;
+            c.limits.max_connections_per_source = 30;
+        })),
+        ..common::Options::default()
+    })
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        let mut c = SmtpClient::connect_from(stage.bridge, ip("127.0.0.1")).await;
+        c.ehlo().await;
+        clients.push(c);
+    }
+    // Every guess is on the wire before any answer comes back.
+    let guess = format!(
+        "AUTH PLAIN {}\r\n",
+        common::b64(&format!("\0{USER}\0guess"))
+    );
+    for c in &mut clients {
+        c.send(guess.as_bytes()).await;
+    }
+    let mut codes = Vec::new();
+    for c in &mut clients {
+        codes.push(c.reply().await.code());
+    }
+    codes.sort();
+    let checked = codes.iter().filter(|&&c| c == 535).count();
+    let refused = codes.iter().filter(|&&c| c == 454).count();
+    assert_eq!((checked, refused), (3, 9), "{codes:?}");
+}
+
 #[tokio::test]
 async fn a_client_trickling_a_command_cannot_hold_its_slot() {
     let stage = Stage::start_with(common::Options {

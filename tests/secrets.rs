@@ -200,6 +200,8 @@ async fn no_secret_in_trace_logs_debug_display_status_or_printed_output() {
     let mut c = stage.client().await;
     c.ehlo().await;
     assert_eq!(c.auth_plain(USER, "wrong-password-123").await.code(), 535);
+    // A client with the fields swapped sends the password as the username.
+    assert_eq!(c.auth_plain(PASSWORD, USER).await.code(), 535);
     assert_eq!(c.auth_plain(USER, PASSWORD).await.code(), 235);
     let r = c
         .send_message(

@@ -4,8 +4,10 @@
 //! Slots are held by a [`Permit`] that gives them back when the session ends, however it
 //! ends. Failed logins are remembered per source for a sliding window; once a source reaches
 //! the limit its logins are refused unchecked until the oldest failure leaves the window, and
-//! a successful login forgets its failures. Both tables are bounded so a flood of addresses
-//! cannot grow them without limit.
+//! a successful login forgets its failures. Password checks from one source take turns, and
+//! each re-reads the failure count when its turn comes: otherwise a burst of simultaneous
+//! guesses would all be checked before the first failure was counted. Both tables are bounded
+//! so a flood of addresses cannot grow them without limit.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -45,6 +47,8 @@ pub struct Guard {
     limits: std::sync::RwLock<Limits>,
     slots: Mutex<Slots>,
     failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
+    /// One lock per source with a password check waiting or running.
+    turns: Mutex<HashMap<IpAddr, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Default)]
@@ -78,6 +82,7 @@ impl Guard {
             limits: std::sync::RwLock::new(limits),
             slots: Mutex::new(Slots::default()),
             failures: Mutex::new(HashMap::new()),
+            turns: Mutex::new(HashMap::new()),
         })
     }
 
@@ -104,6 +109,22 @@ impl Guard {
     /// Connections being served now.
     pub fn connections(&self) -> usize {
         lock(&self.slots).total
+    }
+
+    /// Waits until no other password check from `source` is running, then holds the turn
+    /// until the returned guard is dropped. Check [`Guard::login_allowed`] after this, not
+    /// before: the failures of the checks that went first count.
+    pub async fn login_turn(&self, source: IpAddr) -> tokio::sync::OwnedMutexGuard<()> {
+        let source = crate::config::canonical_ip(source);
+        let lock = {
+            let mut turns = lock(&self.turns);
+            // Sources nobody is waiting for are forgotten, so the table stays small.
+            if turns.len() >= MAX_TRACKED_SOURCES {
+                turns.retain(|_, l| Arc::strong_count(l) > 1);
+            }
+            Arc::clone(turns.entry(source).or_default())
+        };
+        lock.lock_owned().await
     }
 
     /// Whether `source` may try to log in now.
@@ -252,6 +273,26 @@ mod tests {
         g.login_succeeded(attacker);
         assert!(g.login_allowed(attacker));
         assert!(!g.login_failed(attacker));
+    }
+
+    #[tokio::test]
+    async fn simultaneous_checks_from_one_source_take_turns() {
+        let g = guard(10, 10);
+        let source = ip("10.0.0.9");
+        let first = g.login_turn(source).await;
+        let g2 = Arc::clone(&g);
+        let mut second = tokio::spawn(async move { g2.login_turn(source).await });
+        tokio::task::yield_now().await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut second)
+                .await
+                .is_err(),
+            "the second check waits for the first"
+        );
+        // Another source is not held up.
+        drop(g.login_turn(ip("10.0.0.10")).await);
+        drop(first);
+        let _second = second.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

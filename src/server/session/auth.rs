@@ -101,13 +101,31 @@ impl Session {
         let index = found.as_ref().map(|(i, _)| *i);
         let hash = index.map(|i| config.accounts[i].password_hash.as_str());
         let source = self.peer.ip();
+        let turn = self.shared.guard.login_turn(source).await;
+        if !self.shared.guard.login_allowed(source) {
+            // Checks from this address that ran while this one waited used up its allowance.
+            return self.error_reply(
+                454,
+                "4.7.0",
+                "Too many failed logins from your address; try again later",
+            );
+        }
         let verified = self
             .shared
             .verifier
             .verify(&username.to_ascii_lowercase(), password, hash)
             .await;
         if !verified {
-            tracing::info!(username = %printable(&username), "local authentication failed");
+            // An unknown username is not logged: clients that swap the fields would put the
+            // password there.
+            if index.is_some() {
+                tracing::info!(username = %printable(&username), "local authentication failed");
+            } else {
+                tracing::info!(
+                    username_chars = username.chars().count(),
+                    "local authentication failed: unknown username"
+                );
+            }
             if self.shared.guard.login_failed(source) {
                 let limits = self.shared.guard.limits();
                 tracing::warn!(
@@ -123,6 +141,9 @@ impl Session {
             return self.error_reply(535, "5.7.8", "Authentication credentials invalid");
         }
         self.shared.guard.login_succeeded(source);
+        // The turn covers the password check only; the provider connection below must not
+        // hold up other logins from the same address.
+        drop(turn);
         let Some((index, mailbox)) = found else {
             unreachable!("verify() never accepts an unknown user");
         };
