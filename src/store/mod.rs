@@ -2,8 +2,8 @@
 //! plus a status file without secrets for `smtp-oauth-bridge accounts`.
 //!
 //! Each identity's [`TokenRecord`] (refresh token, the authority that issued it, the cached
-//! access token and their times) lives in its own file, sealed with ChaCha20-Poly1305 (ring,
-//! already in the tree for TLS) under a 32-byte key, with the identity name as associated
+//! access token and their times) lives in its own file, sealed with ChaCha20-Poly1305 (RFC 8439,
+//! RustCrypto's `chacha20poly1305`, which wipes its key when dropped) under a 32-byte key, with the identity name as associated
 //! data so a file cannot be passed off as another identity's. The key comes from a systemd
 //! credential (`$CREDENTIALS_DIRECTORY/store-key`) or from `store.key` in the directory,
 //! created with mode 0600 on first use. A write goes to a temporary file that is synced and
@@ -17,7 +17,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use chacha20poly1305::aead::{AeadInOut, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use ring::rand::{SecureRandom, SystemRandom};
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
@@ -28,6 +29,9 @@ pub use record::{TokenRecord, unix_now};
 const MAGIC: &[u8; 4] = b"SOB2";
 /// The first format: the bare refresh token inside. Still read, never written.
 const MAGIC_V1: &[u8; 4] = b"SOB1";
+/// RFC 8439's nonce: 96 bits, random per write (a handful of writes per identity per hour
+/// is far from the birthday bound).
+const NONCE_LEN: usize = 12;
 const KEY_FILE: &str = "store.key";
 const CREDENTIAL_NAME: &str = "store-key";
 /// The status `accounts` reads; the daemon rewrites it as states change.
@@ -65,7 +69,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 /// An opened state directory with its key loaded.
 pub struct Store {
     dir: PathBuf,
-    key: LessSafeKey,
+    key: ChaCha20Poly1305,
     rng: SystemRandom,
 }
 
@@ -92,14 +96,13 @@ impl Store {
         fs::create_dir_all(dir.join("tokens")).map_err(io_err(dir))?;
         let rng = SystemRandom::new();
         let key_bytes = load_or_create_key(dir, &rng)?;
-        let unbound = UnboundKey::new(&CHACHA20_POLY1305, &key_bytes[..]).map_err(|_| {
-            StoreError::BadKey {
+        let key =
+            ChaCha20Poly1305::new_from_slice(&key_bytes[..]).map_err(|_| StoreError::BadKey {
                 path: dir.join(KEY_FILE).display().to_string(),
-            }
-        })?;
+            })?;
         Ok(Store {
             dir: dir.to_path_buf(),
-            key: LessSafeKey::new(unbound),
+            key,
             rng,
         })
     }
@@ -117,14 +120,13 @@ impl Store {
             }
         };
         let key_bytes = read_key(&path)?;
-        let unbound = UnboundKey::new(&CHACHA20_POLY1305, &key_bytes[..]).map_err(|_| {
-            StoreError::BadKey {
+        let key =
+            ChaCha20Poly1305::new_from_slice(&key_bytes[..]).map_err(|_| StoreError::BadKey {
                 path: path.display().to_string(),
-            }
-        })?;
+            })?;
         let store = Store {
             dir: dir.to_path_buf(),
-            key: LessSafeKey::new(unbound),
+            key,
             rng: SystemRandom::new(),
         };
         Ok((store, path))
@@ -158,14 +160,10 @@ impl Store {
         let nonce_bytes: [u8; NONCE_LEN] =
             rest[..NONCE_LEN].try_into().map_err(|_| undecryptable())?;
         let mut buf = Zeroizing::new(rest[NONCE_LEN..].to_vec());
-        let plain = self
-            .key
-            .open_in_place(
-                Nonce::assume_unique_for_key(nonce_bytes),
-                Aad::from(identity.as_bytes()),
-                &mut buf,
-            )
+        self.key
+            .decrypt_in_place(&Nonce::from(nonce_bytes), identity.as_bytes(), &mut *buf)
             .map_err(|_| undecryptable())?;
+        let plain = &buf[..];
         let record = match magic {
             m if m == MAGIC => TokenRecord::from_json(plain),
             m if m == MAGIC_V1 => std::str::from_utf8(plain).ok().map(|text| TokenRecord {
@@ -183,12 +181,9 @@ impl Store {
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).map_err(|_| StoreError::Random)?;
         let mut buf = record.to_json();
+        // Fails only for a plaintext beyond 256 GiB.
         self.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(identity.as_bytes()),
-                &mut *buf,
-            )
+            .encrypt_in_place(&Nonce::from(nonce), identity.as_bytes(), &mut *buf)
             .map_err(|_| StoreError::Random)?;
         let mut sealed = Vec::with_capacity(MAGIC.len() + NONCE_LEN + buf.len());
         sealed.extend_from_slice(MAGIC);

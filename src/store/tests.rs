@@ -110,27 +110,77 @@ fn a_file_moved_to_another_identity_does_not_decrypt() {
     ));
 }
 
+/// Seals `plain` the way earlier builds did, through ring's ChaCha20-Poly1305 under the key
+/// in `store.key`, so the tests show such files still open after the switch of AEAD crate.
+fn seal_with_ring(dir: &Path, magic: &[u8; 4], identity: &str, plain: &[u8]) -> Vec<u8> {
+    use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+    let key_bytes = fs::read(dir.join(KEY_FILE)).unwrap();
+    let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &key_bytes).unwrap());
+    let mut nonce = [0u8; NONCE_LEN];
+    SystemRandom::new().fill(&mut nonce).unwrap();
+    let mut buf = plain.to_vec();
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(identity.as_bytes()),
+        &mut buf,
+    )
+    .unwrap();
+    let mut sealed = magic.to_vec();
+    sealed.extend_from_slice(&nonce);
+    sealed.extend_from_slice(&buf);
+    sealed
+}
+
 #[test]
 fn files_of_the_first_format_are_still_read() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let mut nonce = [0u8; NONCE_LEN];
-    store.rng.fill(&mut nonce).unwrap();
-    let mut buf = b"0.Aold-format-token".to_vec();
-    store
-        .key
-        .seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(&b"printer"[..]),
-            &mut buf,
-        )
-        .unwrap();
-    let mut sealed = MAGIC_V1.to_vec();
-    sealed.extend_from_slice(&nonce);
-    sealed.extend_from_slice(&buf);
+    let sealed = seal_with_ring(dir.path(), MAGIC_V1, "printer", b"0.Aold-format-token");
     fs::write(store.token_path("printer"), sealed).unwrap();
     let token = store.load_refresh_token("printer").unwrap().unwrap();
     assert_eq!(token.expose_secret(), "0.Aold-format-token");
+}
+
+#[test]
+fn records_sealed_by_earlier_builds_open_and_new_ones_open_with_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let old = TokenRecord {
+        refresh_token: Some(secret("0.Afrom-an-earlier-build")),
+        access_token_expires: Some(4000),
+        ..TokenRecord::default()
+    };
+    let sealed = seal_with_ring(dir.path(), MAGIC, "printer", &old.to_json());
+    fs::write(store.token_path("printer"), sealed).unwrap();
+    let loaded = store.load("printer").unwrap().unwrap();
+    assert_eq!(
+        loaded.refresh_token.unwrap().expose_secret(),
+        "0.Afrom-an-earlier-build"
+    );
+    assert_eq!(loaded.access_token_expires, Some(4000));
+
+    // And the other way round: what this build writes is plain RFC 8439, which ring opens.
+    store
+        .save_refresh_token("scanner", &secret("0.Awritten-now"))
+        .unwrap();
+    let on_disk = fs::read(store.token_path("scanner")).unwrap();
+    let (nonce, body) = on_disk[MAGIC.len()..].split_at(NONCE_LEN);
+    use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce as RingNonce, UnboundKey};
+    let key_bytes = fs::read(dir.path().join(KEY_FILE)).unwrap();
+    let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &key_bytes).unwrap());
+    let mut body = body.to_vec();
+    let plain = key
+        .open_in_place(
+            RingNonce::try_assume_unique_for_key(nonce).unwrap(),
+            Aad::from(&b"scanner"[..]),
+            &mut body,
+        )
+        .unwrap();
+    let record = TokenRecord::from_json(plain).unwrap();
+    assert_eq!(
+        record.refresh_token.unwrap().expose_secret(),
+        "0.Awritten-now"
+    );
 }
 
 #[test]
