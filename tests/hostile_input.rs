@@ -346,3 +346,23 @@ async fn a_ten_megabyte_auth_answer_is_refused_without_buffering_it() {
     assert_eq!((r.code(), r.enhanced()), (500, Some("5.5.6")));
     assert_eq!(c.cmd("NOOP").await.code(), 250);
 }
+
+#[tokio::test]
+async fn bdat_inside_a_transaction_leaves_no_transaction_open_at_the_provider() {
+    let stage = Stage::start().await;
+    let mut c = stage.logged_in().await;
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{USER}>")).await.code(), 250);
+    assert_eq!(c.cmd("RCPT TO:<a@contoso.com>").await.code(), 250);
+    c.send(b"BDAT 3 LAST\r\nabc").await;
+    let r = c.reply().await;
+    assert_eq!((r.code(), r.enhanced()), (502, Some("5.5.1")));
+    // The refused BDAT ended the transaction for the client; the provider must not still
+    // hold its MAIL and RCPT, for this client or for the next one the session is lent to.
+    let r = c
+        .send_message(USER, &["b@contoso.com"], b"Subject: after BDAT\r\n\r\nok\r\n")
+        .await;
+    assert_eq!(r.code(), 250, "{}", r.text());
+    let messages = stage.office365.messages();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].rcpt_to, ["b@contoso.com"]);
+}

@@ -304,7 +304,12 @@ impl Session {
             self.client.consume(n);
             left -= n;
         }
-        self.transaction = None;
+        if self.transaction.take().is_some() {
+            // The client's transaction is over, so the provider's must be too: left open on
+            // the lent session, it would answer the next MAIL (this client's, or the next
+            // client's the session is lent to) with 503.
+            self.rset_upstream().await;
+        }
         self.error_reply(502, "5.5.1", "CHUNKING not offered; use DATA")
     }
 
