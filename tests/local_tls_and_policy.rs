@@ -243,3 +243,33 @@ async fn a_from_header_outside_allowed_senders_never_reaches_the_provider() {
         b"From: Printer\r\n <PRINTER@contoso.com>\r\nSubject: scan\r\n\r\nhello\r\n"
     );
 }
+
+#[tokio::test]
+async fn a_provider_refusing_data_after_the_from_check_leaves_no_transaction_open() {
+    use smtp_oauth_bridge::sandbox::Behaviour;
+    let stage = Stage::start_with(common::Options {
+        account_extra: "allowed_senders = [\"printer@contoso.com\"]\ncheck_from_header = true"
+            .into(),
+        ..common::Options::default()
+    })
+    .await;
+    stage.office365.set_behaviour(Behaviour {
+        data_reply: Some("451 4.7.500 Server busy. Please try again later".into()),
+        ..Behaviour::default()
+    });
+    let mut c = stage.logged_in().await;
+    let body = b"From: printer@contoso.com\r\nSubject: busy\r\n\r\nx\r\n";
+    let r = c.send_message(USER, &["a@contoso.com"], body).await;
+    assert_eq!(
+        (r.code(), r.enhanced()),
+        (451, Some("4.7.500")),
+        "{}",
+        r.text()
+    );
+    // The client was told the transaction is over; so must the provider have been, or the
+    // retry (and every later client of the pooled session) hears 503 for its MAIL.
+    stage.office365.set_behaviour(Behaviour::default());
+    let r = c.send_message(USER, &["a@contoso.com"], body).await;
+    assert_eq!(r.code(), 250, "{}", r.text());
+    assert_eq!(stage.office365.messages().len(), 1);
+}

@@ -87,6 +87,10 @@ impl Session {
                 // provider's refusal becomes the verdict.
                 self.discard_rest(&mut framer, ended).await?;
                 self.transaction = None;
+                // A provider that refused DATA still holds MAIL and RCPT; the client was told
+                // the transaction is over, so it is reset there too before the session goes
+                // back to the pool.
+                self.rset_upstream().await;
                 self.relay(reply);
                 Ok(())
             }
