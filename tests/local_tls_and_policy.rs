@@ -205,10 +205,13 @@ async fn a_from_header_outside_allowed_senders_never_reaches_the_provider() {
     })
     .await;
     let mut c = stage.logged_in().await;
-    let refused: [&[u8]; 3] = [
+    let refused: [&[u8]; 5] = [
         b"From: Boss <boss@contoso.com>\r\nSubject: x\r\n\r\nbody\r\n",
         b"From: printer@contoso.com, boss@contoso.com\r\n\r\nbody\r\n",
         b"Subject: no From at all\r\n\r\nbody\r\n",
+        // Dot-stuffed lines the provider would store as a second From: and as a folded one.
+        b".From: boss@contoso.com\r\nFrom: printer@contoso.com\r\n\r\nbody\r\n",
+        b"From: printer@contoso.com\r\n. , boss@contoso.com\r\n\r\nbody\r\n",
     ];
     for body in refused {
         let r = c.send_message(USER, &["a@contoso.com"], body).await;

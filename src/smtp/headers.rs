@@ -1,8 +1,10 @@
 //! Just enough of RFC 5322 to check a message's `From:` before it is sent: where the header
 //! section ends, and the addresses in the `From:` field.
 //!
-//! Input is the message as it travels in DATA (CRLF line ends, dot-stuffed); header lines
-//! never start with a dot in practice, and one that does simply fails to match `From:`.
+//! Input is the message as it travels in DATA (CRLF line ends, dot-stuffed). Each line is
+//! read as the provider will store it, with one leading dot removed: otherwise a line sent as
+//! `.From: other@x` would pass the check as some other field and reach the provider as a
+//! second `From:` (or, as `. other@x`, as a continuation of the first).
 
 /// Where the header section ends: the offset just after the empty line that closes it, or
 /// `None` when it has not ended yet. A message whose first line is empty has no headers.
@@ -37,6 +39,8 @@ fn unfolded_fields(headers: &[u8]) -> Vec<Vec<u8>> {
     let mut fields: Vec<Vec<u8>> = Vec::new();
     for line in headers.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
+        // Dot-stuffing (RFC 5321 section 4.5.2): the receiver drops a line's first dot.
+        let line = line.strip_prefix(b".").unwrap_or(line);
         if line.is_empty() {
             break;
         }
@@ -190,6 +194,16 @@ mod tests {
             ),
             ("From: grüße@exämple.test\r\n", &["grüße@exämple.test"]),
             ("From:\r\n", &[]),
+            // Dot-stuffed lines count as what the provider stores: one dot fewer.
+            (
+                ".From: boss@x.test\r\nFrom: printer@x.test\r\n",
+                &["boss@x.test", "printer@x.test"],
+            ),
+            (
+                "From: printer@x.test\r\n. , boss@x.test\r\n",
+                &["printer@x.test", "boss@x.test"],
+            ),
+            ("..From: a@b.c\r\n", &[]),
         ];
         for (headers, want) in cases {
             assert_eq!(from_addresses(headers.as_bytes()), *want, "{headers:?}");
