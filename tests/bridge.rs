@@ -424,21 +424,6 @@ async fn a_ten_megabyte_line_is_refused_and_the_session_survives() {
 }
 
 #[tokio::test]
-async fn declared_size_over_the_limit_is_refused_at_mail() {
-    let stage = Stage::start_with(common::Options {
-        config_extra: String::new(),
-        account_extra: String::new(),
-        ..common::Options::default()
-    })
-    .await;
-    let mut c = stage.logged_in().await;
-    let r = c
-        .cmd(&format!("MAIL FROM:<{USER}> SIZE=999999999999"))
-        .await;
-    assert_eq!((r.code(), r.enhanced()), (552, Some("5.3.4")));
-}
-
-#[tokio::test]
 async fn token_endpoint_failures_map_to_454_or_535() {
     for (failure, code, enhanced) in [
         (TokenFailure::Status500, 454, "4.7.0"),

@@ -344,3 +344,52 @@ async fn a_421_from_the_provider_is_relayed_and_closes_the_channel() {
         .await;
     assert_eq!(r.code(), 250, "{}", r.text());
 }
+
+/// The bridge's own `max_message_size`, lower than the provider's here so only the bridge can
+/// be the one refusing: a declared SIZE over it never reaches the provider, and a message
+/// that grows over it is refused after its final dot with nothing kept at the provider.
+#[tokio::test]
+async fn the_bridge_refuses_oversized_messages_itself_at_mail_and_after_the_data() {
+    let stage = Stage::start_with(common::Options {
+        tweak: Some(Box::new(|c| c.server.max_message_size = 1000)),
+        ..common::Options::default()
+    })
+    .await;
+    let mut c = stage.logged_in().await;
+    let ehlo = common::ehlo_lines(&c.ehlo().await);
+    assert!(ehlo.iter().any(|l| l == "SIZE 1000"), "{ehlo:?}");
+    let r = c.cmd(&format!("MAIL FROM:<{USER}> SIZE=1001")).await;
+    assert_eq!(
+        (r.code(), r.enhanced()),
+        (552, Some("5.3.4")),
+        "{}",
+        r.text()
+    );
+    assert!(
+        !stage
+            .office365
+            .commands()
+            .iter()
+            .any(|l| l.starts_with("MAIL")),
+        "refused before the provider heard of it"
+    );
+
+    let mut body = b"Subject: big\r\n\r\n".to_vec();
+    body.extend(std::iter::repeat_n(b'x', 2000));
+    body.extend_from_slice(b"\r\n");
+    let r = c.send_message(USER, &["a@contoso.com"], &body).await;
+    assert_eq!(
+        (r.code(), r.enhanced()),
+        (552, Some("5.3.4")),
+        "{}",
+        r.text()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(stage.office365.messages().is_empty(), "no part of it kept");
+
+    let r = c
+        .send_message(USER, &["a@contoso.com"], b"Subject: small\r\n\r\nok\r\n")
+        .await;
+    assert_eq!(r.code(), 250, "the session goes on: {}", r.text());
+    assert_eq!(stage.office365.messages().len(), 1);
+}
