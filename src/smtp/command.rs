@@ -11,7 +11,7 @@ use std::borrow::Cow;
 
 use smtp_proto::Request;
 
-use crate::smtp::line::{LineStatus, find_line, skip_to_lf};
+use crate::smtp::line::{LineStatus, find_line, skip_to_lf, trim_line_end};
 
 /// What [`LineReader::next_line`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,7 +193,14 @@ pub fn parse(line: &[u8]) -> Result<Request<Cow<'_, str>>, Refusal> {
     if !line.ends_with(b"\n") {
         return Err(Refusal::new(500, "5.5.2", "Syntax error"));
     }
-    Request::parse(&mut line.iter()).map_err(refusal)
+    let request = Request::parse(&mut line.iter()).map_err(refusal)?;
+    // `smtp-proto` ignores anything after STARTTLS; RFC 3207 section 4 answers it with 501.
+    if matches!(request, Request::StartTls)
+        && trim_line_end(line).trim_ascii_end().len() != b"STARTTLS".len()
+    {
+        return Err(Refusal::new(501, "5.5.4", "STARTTLS takes no parameters"));
+    }
+    Ok(request)
 }
 
 fn refusal(e: smtp_proto::Error) -> Refusal {
@@ -431,6 +438,8 @@ mod tests {
             (b"NOOP\r\n", Ok("NOOP")),
             (b"QUIT\r\n", Ok("QUIT")),
             (b"STARTTLS\r\n", Ok("STARTTLS")),
+            (b"starttls \r\n", Ok("STARTTLS")),
+            (b"STARTTLS now\r\n", Err((501, "5.5.4"))),
             (b"AUTH PLAIN AGEAYg==\r\n", Ok("AUTH")),
             (b"BDAT 10 LAST\r\n", Ok("BDAT")),
             (b"FOO bar\r\n", Err((500, "5.5.1"))),
