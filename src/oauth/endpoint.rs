@@ -357,9 +357,10 @@ mod tests {
 
     #[test]
     fn device_answers_from_entra_and_google() {
-        let entra = r#"{"device_code":"d","user_code":"ABC-DEF","verification_uri":"https://microsoft.com/devicelogin","expires_in":900,"interval":5,"message":"To sign in..."}"#;
+        let entra = r#"{"device_code":"d","user_code":"ABC-DEF","verification_uri":"https://microsoft.com/devicelogin","expires_in":900,"interval":7,"message":"To sign in..."}"#;
         let d = parse_device(&answer(200, entra)).unwrap();
-        assert_eq!(d.interval, Duration::from_secs(5));
+        assert_eq!(d.interval, Duration::from_secs(7), "the server's interval");
+        assert_eq!(d.expires_in, Duration::from_secs(900));
         assert_eq!(d.message.as_deref(), Some("To sign in..."));
         let google = r#"{"device_code":"d","user_code":"X","verification_url":"https://www.google.com/device","expires_in":"1800"}"#;
         let d = parse_device(&answer(200, google)).unwrap();
