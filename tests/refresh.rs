@@ -6,7 +6,8 @@
 //! identity however many sessions ask; idle refresh tokens are redeemed anyway (keep-alive);
 //! transient failures back off with jitter and keep the token; a 429 waits its Retry-After;
 //! a refused grant stops the requests until `login` writes a new one; a refused access token
-//! is replaced once; a restarted manager uses the token it cached on disk.
+//! is replaced once; a restarted manager uses the token it cached on disk; a refresh goes to
+//! the endpoint that issued the grant.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,6 +88,8 @@ struct Script {
 struct Call {
     at: Instant,
     refresh_token: Option<String>,
+    /// Where a refresh was sent.
+    token_url: Option<String>,
 }
 
 impl Script {
@@ -120,13 +123,20 @@ impl TokenSource for Script {
             .unwrap()
             .pop_front()
             .unwrap_or_else(|| self.fallback.clone());
-        let refresh_token = match grant {
-            Grant::Refresh { refresh_token, .. } => Some(refresh_token.expose_secret().to_owned()),
-            Grant::ClientCredentials => None,
+        let (refresh_token, token_url) = match grant {
+            Grant::Refresh {
+                refresh_token,
+                token_url,
+            } => (
+                Some(refresh_token.expose_secret().to_owned()),
+                Some(token_url.to_owned()),
+            ),
+            Grant::ClientCredentials => (None, None),
         };
         self.calls.lock().unwrap().push(Call {
             at: Instant::now(),
             refresh_token: refresh_token.clone(),
+            token_url,
         });
         Box::pin(async move {
             sleep(step.delay).await;
@@ -313,6 +323,50 @@ async fn an_idle_refresh_token_is_redeemed_before_it_can_expire() {
     );
     let stored = store.load_refresh_token("printer").unwrap().unwrap();
     assert_eq!(stored.expose_secret(), "rt-2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_goes_to_the_endpoint_that_issued_the_grant() {
+    // A grant from another cloud's authority than the one configured now (the configuration
+    // was edited after login): only its issuer honours it.
+    let issuer = "https://login.partner.microsoftonline.cn/t/oauth2/v2.0/token";
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store
+        .save_grant(
+            "printer",
+            &SecretString::from("rt-login".to_string()),
+            Some(issuer),
+        )
+        .unwrap();
+    let store = Arc::new(store);
+    let script = Script::new(vec![], ok(HOUR));
+    let _tokens = manager("refresh_token", &script, Some(Arc::clone(&store)), true);
+    settle().await;
+    sleep(2 * HOUR).await;
+    let calls = script.calls();
+    assert!(calls.len() >= 3, "{calls:?}");
+    for call in &calls {
+        assert_eq!(call.token_url.as_deref(), Some(issuer), "{calls:?}");
+    }
+    let record = store.load("printer").unwrap().unwrap();
+    assert_eq!(
+        record.authority.as_deref(),
+        Some(issuer),
+        "kept with the rotated token"
+    );
+
+    // A grant stored without its issuer (by an earlier build) goes to the configured endpoint,
+    // which is then recorded with the rotated token.
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_grant(&dir);
+    let script = Script::new(vec![], ok(HOUR));
+    let _tokens = manager("refresh_token", &script, Some(Arc::clone(&store)), true);
+    settle().await;
+    let configured = "https://login.example.test/t/oauth2/v2.0/token";
+    assert_eq!(script.calls()[0].token_url.as_deref(), Some(configured));
+    let record = store.load("printer").unwrap().unwrap();
+    assert_eq!(record.authority.as_deref(), Some(configured));
 }
 
 #[tokio::test(start_paused = true)]
