@@ -487,8 +487,45 @@ async fn throttling_waits_for_retry_after_and_sessions_do_not_pile_on() {
     assert!(tokens.token("printer").await.is_ok());
 }
 
+/// Log lines written while it lives, as text.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Log {
+    /// Captures this thread's log (the test runtime is single-threaded) at debug level.
+    fn capture() -> (Log, tracing::subscriber::DefaultGuard) {
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (log, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn lines_at(&self, level: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(level))
+            .map(String::from)
+            .collect()
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_refused_grant_stops_all_requests_until_login_stores_a_new_one() {
+    let (log, _guard) = Log::capture();
     let dir = tempfile::tempdir().unwrap();
     let store = store_with_grant(&dir);
     let script = Script::new(vec![fail(refused())], ok(HOUR));
@@ -515,6 +552,15 @@ async fn a_refused_grant_stops_all_requests_until_login_stores_a_new_one() {
     assert_eq!(script.calls().len(), 1, "no request while refused");
     // The refresh token is still there: refusal is recorded, nothing is deleted.
     assert!(store.load_refresh_token("printer").unwrap().is_some());
+    // Said once, at error level, with the AADSTS code and what to do.
+    let errors = log.lines_at("ERROR");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("AADSTS70008")
+            && errors[0].contains("run `smtp-oauth-bridge login printer`"),
+        "{}",
+        errors[0]
+    );
 
     // An administrator runs login: the next session (or the task, within 30 s) uses it.
     store
