@@ -359,7 +359,11 @@ async fn bdat_inside_a_transaction_leaves_no_transaction_open_at_the_provider() 
     // The refused BDAT ended the transaction for the client; the provider must not still
     // hold its MAIL and RCPT, for this client or for the next one the session is lent to.
     let r = c
-        .send_message(USER, &["b@contoso.com"], b"Subject: after BDAT\r\n\r\nok\r\n")
+        .send_message(
+            USER,
+            &["b@contoso.com"],
+            b"Subject: after BDAT\r\n\r\nok\r\n",
+        )
         .await;
     assert_eq!(r.code(), 250, "{}", r.text());
     let messages = stage.office365.messages();
