@@ -725,3 +725,31 @@ async fn an_overlong_auth_line_gets_500_5_5_6() {
     assert_eq!(r.code(), 501);
     assert_eq!(c.auth_plain(USER, PASSWORD).await.code(), 235);
 }
+
+/// Old devices greet with HELO. They get a one-line 250 without extensions, the bridge's own
+/// replies without enhanced status codes (RFC 2034 applies only after EHLO), and can still
+/// log in and send.
+#[tokio::test]
+async fn a_helo_client_logs_in_and_sends_without_extensions() {
+    let stage = Stage::start().await;
+    let mut c = stage.client().await;
+    let r = c.cmd("HELO old-printer").await;
+    assert_eq!(
+        c_line(&r),
+        "250 bridge.test",
+        "no ESMTP keywords after HELO"
+    );
+    let r = c.cmd(&format!("MAIL FROM:<{USER}>")).await;
+    assert_eq!((r.code(), r.enhanced()), (530, None), "{}", r.text());
+    let r = c.auth_plain(USER, PASSWORD).await;
+    assert_eq!((r.code(), r.enhanced()), (235, None), "{}", r.text());
+    let r = c
+        .send_message(USER, &["a@contoso.com"], b"Subject: helo\r\n\r\nhi\r\n")
+        .await;
+    assert_eq!(r.code(), 250, "{}", r.text());
+    assert_eq!(c.cmd("QUIT").await.code(), 221);
+    let m = stage.office365.messages();
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].data, b"Subject: helo\r\n\r\nhi\r\n");
+    assert_eq!(stage.office365.auth_attempts()[0].mechanism, "XOAUTH2");
+}
