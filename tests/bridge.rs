@@ -753,3 +753,26 @@ async fn a_helo_client_logs_in_and_sends_without_extensions() {
     assert_eq!(m[0].data, b"Subject: helo\r\n\r\nhi\r\n");
     assert_eq!(stage.office365.auth_attempts()[0].mechanism, "XOAUTH2");
 }
+
+/// The default configuration listens on IPv6 loopback too (`[::1]:1587`); a client there is a
+/// loopback client, so it may log in without TLS and its message goes through.
+#[tokio::test]
+async fn a_client_on_ipv6_loopback_is_served() {
+    let stage = Stage::start_with(common::Options {
+        tweak: Some(Box::new(|c| {
+            c.server.listen = vec!["[::1]:0".parse().unwrap()];
+        })),
+        ..common::Options::default()
+    })
+    .await;
+    assert!(stage.bridge.is_ipv6(), "{}", stage.bridge);
+    let mut c = stage.client().await;
+    let caps = common::ehlo_lines(&c.ehlo().await);
+    assert!(caps.iter().any(|l| l == "AUTH PLAIN LOGIN"), "{caps:?}");
+    assert_eq!(c.auth_plain(USER, PASSWORD).await.code(), 235);
+    let r = c
+        .send_message(USER, &["a@contoso.com"], b"Subject: v6\r\n\r\nhi\r\n")
+        .await;
+    assert_eq!(r.code(), 250, "{}", r.text());
+    assert_eq!(stage.office365.messages().len(), 1);
+}

@@ -39,7 +39,14 @@ fn office365_defaults() {
     assert_eq!(account.upstream.port, 587);
     assert_eq!(account.upstream.tls, UpstreamTls::Starttls);
     assert_eq!(config.server.max_message_size, OFFICE365_MAX_SIZE);
-    assert_eq!(config.server.listen.len(), 2);
+    let loopback: Vec<SocketAddr> = vec![
+        "127.0.0.1:1587".parse().unwrap(),
+        "[::1]:1587".parse().unwrap(),
+    ];
+    assert_eq!(
+        config.server.listen, loopback,
+        "both loopback families by default"
+    );
     assert!(config.account_by_username("PRINTER@contoso.COM").is_some());
 }
 
