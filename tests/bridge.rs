@@ -776,3 +776,33 @@ async fn a_client_on_ipv6_loopback_is_served() {
     assert_eq!(r.code(), 250, "{}", r.text());
     assert_eq!(stage.office365.messages().len(), 1);
 }
+
+/// DATA is streamed: while the client is still sending (no final dot yet), most of what it
+/// sent has already reached the provider. A bridge that held the message back until the end
+/// would have passed on nothing.
+#[tokio::test]
+async fn message_bytes_reach_the_provider_before_the_client_has_finished() {
+    let stage = Stage::start().await;
+    let mut c = stage.logged_in().await;
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{USER}>")).await.code(), 250);
+    assert_eq!(c.cmd("RCPT TO:<a@contoso.com>").await.code(), 250);
+    assert_eq!(c.cmd("DATA").await.code(), 354);
+    let line = format!("{}\r\n", "s".repeat(998));
+    let mut body = b"Subject: streamed\r\n\r\n".to_vec();
+    while body.len() < 2 * 1024 * 1024 {
+        body.extend_from_slice(line.as_bytes());
+    }
+    c.send(&body).await;
+    let sent = body.len() as u64;
+    assert!(
+        common::eventually(|| stage.office365.data_octets_received() >= sent / 2).await,
+        "the provider had {} of {sent} octets before the final dot",
+        stage.office365.data_octets_received()
+    );
+    assert!(stage.office365.messages().is_empty(), "not ended yet");
+
+    c.send(b".\r\n").await;
+    let r = c.reply().await;
+    assert_eq!(r.code(), 250, "{}", r.text());
+    assert_eq!(stage.office365.messages()[0].data, body);
+}
