@@ -806,3 +806,35 @@ async fn message_bytes_reach_the_provider_before_the_client_has_finished() {
     assert_eq!(r.code(), 250, "{}", r.text());
     assert_eq!(stage.office365.messages()[0].data, body);
 }
+
+/// A provider refusal at AUTH reaches the client as a clear reply and the log as the
+/// provider's own words, which is what an administrator searches for.
+#[tokio::test]
+async fn a_provider_refusal_at_auth_is_logged_with_the_providers_text() {
+    let (_guard, logs) = common::capture_logs();
+    let stage = Stage::start().await;
+    let refusal = "554 5.7.1 Blocked by the provider [DIAG-7731]";
+    stage.office365.set_behaviour(Behaviour {
+        auth_reply: Some(refusal.into()),
+        ..Behaviour::default()
+    });
+    let mut c = stage.client().await;
+    c.ehlo().await;
+    let r = c.auth_plain(USER, PASSWORD).await;
+    assert_eq!(
+        (r.code(), r.enhanced()),
+        (454, Some("4.7.0")),
+        "{}",
+        r.text()
+    );
+    assert!(
+        r.text().contains("554"),
+        "the client learns the provider's code: {}",
+        r.text()
+    );
+    let lines = logs.lines_with("cannot open the upstream session");
+    assert_eq!(lines.len(), 1, "{}", logs.text());
+    assert!(lines[0].contains("WARN"), "{}", lines[0]);
+    assert!(lines[0].contains(refusal), "{}", lines[0]);
+    assert!(lines[0].contains("account=printer"), "{}", lines[0]);
+}
