@@ -444,6 +444,46 @@ fn a_sandbox_config_keeps_its_state_in_the_working_directory() {
 }
 
 #[test]
+fn max_message_size_may_be_lowered_but_never_raised_above_the_providers() {
+    let with_size = |size: u64, accounts: &str| {
+        Config::from_toml_str(&format!("[server]\nmax_message_size = {size}\n{accounts}"))
+    };
+    let config = with_size(10_485_760, &office365("")).unwrap();
+    assert_eq!(config.server.max_message_size, 10_485_760);
+    let config = with_size(OFFICE365_MAX_SIZE, &office365("")).unwrap();
+    assert_eq!(config.server.max_message_size, OFFICE365_MAX_SIZE);
+
+    let e = with_size(OFFICE365_MAX_SIZE + 1, &office365(""))
+        .err()
+        .unwrap();
+    assert_eq!(e.key, "server.max_message_size");
+    assert!(e.problem.contains("157286400"), "{e}");
+
+    // With a Gmail account beside the Office365 one, Gmail's lower limit is the ceiling.
+    let gmail = format!(
+        "[[accounts]]\nusername = \"a@gmail.com\"\npassword_hash = \"{}\"\n\
+         provider = \"gmail\"\nclient_id = \"x\"\n",
+        hash()
+    );
+    let both = format!("{}{gmail}", office365(""));
+    let e = with_size(GMAIL_MAX_SIZE + 1, &both).err().unwrap();
+    assert_eq!(e.key, "server.max_message_size");
+    assert!(with_size(GMAIL_MAX_SIZE, &both).is_ok());
+
+    // A generic provider's limit is unknown: the administrator's figure stands.
+    let generic = format!(
+        "[[accounts]]\nusername = \"a@example.org\"\npassword_hash = \"{}\"\n\
+         provider = \"generic\"\nclient_id = \"x\"\n\
+         token_url = \"https://idp.example.org/token\"\nscopes = [\"mail\"]\n\
+         upstream = \"mail.example.org:587\"\n\
+         authorize_url = \"https://idp.example.org/auth\"\n",
+        hash()
+    );
+    let config = with_size(500_000_000, &generic).unwrap();
+    assert_eq!(config.server.max_message_size, 500_000_000);
+}
+
+#[test]
 fn broken_toml_never_echoes_the_line_it_broke_on() {
     let secret = "SuperSecretValue123";
     for broken in [
