@@ -507,3 +507,80 @@ fn broken_toml_never_echoes_the_line_it_broke_on() {
         .unwrap();
     assert_eq!(e.key, "accounts[0].client_secret");
 }
+
+/// The keys a table accepts, as serde lists them when it meets one it does not know: the
+/// list follows the code, so a key added later is checked without touching this test.
+fn accepted_keys(toml: &str) -> &'static [&'static str] {
+    let error = Figment::new()
+        .merge(Toml::string(toml))
+        .extract::<raw::RawConfig>()
+        .err()
+        .unwrap_or_else(|| panic!("{toml}: an unknown key was accepted"));
+    match error.kind {
+        figment::error::Kind::UnknownField(_, expected) => expected,
+        other => panic!("{toml}: {other}"),
+    }
+}
+
+/// Whether the shipped file explains `key`: as `key = value` (commented out or not), or at
+/// the head of a line of the key lists, `#   key   what it does` (three spaces after `#`;
+/// continuation lines are indented further), where several keys may share a line, separated
+/// by commas.
+fn documented(shipped: &str, key: &str) -> bool {
+    shipped.lines().any(|line| {
+        let text = line.trim_start_matches(['#', ' ']);
+        let assigned = text.match_indices(key).any(|(at, _)| {
+            let starts_word = text[..at]
+                .chars()
+                .next_back()
+                .is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
+            starts_word && text[at + key.len()..].trim_start().starts_with('=')
+        });
+        let described = line
+            .strip_prefix("#   ")
+            .filter(|rest| !rest.starts_with(' '))
+            .is_some_and(|rest| {
+                let mut heads = Vec::new();
+                for word in rest.split_whitespace() {
+                    match word.strip_suffix(',') {
+                        Some(listed) => heads.push(listed),
+                        None => {
+                            heads.push(word);
+                            break;
+                        }
+                    }
+                }
+                heads.contains(&key)
+            });
+        assigned || described
+    })
+}
+
+/// proxy.toml promises (and the unknown-key error says) that every key is documented there.
+#[test]
+fn every_key_is_documented_in_the_shipped_proxy_toml() {
+    let shipped = include_str!("../../proxy.toml");
+    let mut missing = Vec::new();
+    for table in accepted_keys("zz_not_a_key = 1\n") {
+        if !shipped.contains(&format!("[{table}]")) {
+            missing.push(format!("[{table}]"));
+        }
+        let header = if matches!(*table, "accounts" | "identities") {
+            format!("[[{table}]]")
+        } else {
+            format!("[{table}]")
+        };
+        for key in accepted_keys(&format!("{header}\nzz_not_a_key = 1\n")) {
+            if !documented(shipped, key) {
+                missing.push(format!("{table}.{key}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not documented in proxy.toml: {missing:?}"
+    );
+    // The check itself can fail.
+    assert!(!documented(shipped, "zz_not_a_key"));
+    assert!(accepted_keys("[server]\nzz_not_a_key = 1\n").contains(&"listen"));
+}
