@@ -537,7 +537,9 @@ async fn upstream_refusing_the_token_triggers_one_fresh_token_then_gives_up() {
         );
     }
 
-    // SMTP AUTH disabled for the tenant: relayed, no token refresh, no retry.
+    // SMTP AUTH disabled for the tenant: relayed, no token refresh, no retry, and the log
+    // says what to run.
+    let (_guard, logs) = common::capture_logs();
     let stage = Stage::start().await;
     stage.office365.set_behaviour(Behaviour {
         auth_reply: Some("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.".into()),
@@ -555,6 +557,12 @@ async fn upstream_refusing_the_token_triggers_one_fresh_token_then_gives_up() {
     assert!(r.text().contains("aka.ms/smtp_auth_disabled"));
     assert_eq!(stage.token_endpoint.request_count(), 1);
     assert_eq!(stage.office365.auth_attempts().len(), 1);
+    let text = logs.text();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("5.7.139") && l.contains("SmtpClientAuthenticationDisabled $false")),
+        "{text}"
+    );
 }
 
 #[tokio::test]
