@@ -110,12 +110,18 @@ fn a_file_moved_to_another_identity_does_not_decrypt() {
     ));
 }
 
-/// Seals `plain` the way earlier builds did, through ring's ChaCha20-Poly1305 under the key
-/// in `store.key`, so the tests show such files still open after the switch of AEAD crate.
-fn seal_with_ring(dir: &Path, magic: &[u8; 4], identity: &str, plain: &[u8]) -> Vec<u8> {
-    use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+/// ring's ChaCha20-Poly1305 under the key in `store.key`: what earlier builds sealed with.
+fn ring_key(dir: &Path) -> ring::aead::LessSafeKey {
+    use ring::aead::{CHACHA20_POLY1305, LessSafeKey, UnboundKey};
     let key_bytes = fs::read(dir.join(KEY_FILE)).unwrap();
-    let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &key_bytes).unwrap());
+    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &key_bytes).unwrap())
+}
+
+/// Seals `plain` the way earlier builds did, so the tests show such files still open after
+/// the switch of AEAD crate.
+fn seal_with_ring(dir: &Path, magic: &[u8; 4], identity: &str, plain: &[u8]) -> Vec<u8> {
+    use ring::aead::{Aad, Nonce};
+    let key = ring_key(dir);
     let mut nonce = [0u8; NONCE_LEN];
     SystemRandom::new().fill(&mut nonce).unwrap();
     let mut buf = plain.to_vec();
@@ -165,11 +171,9 @@ fn records_sealed_by_earlier_builds_open_and_new_ones_open_with_ring() {
         .unwrap();
     let on_disk = fs::read(store.token_path("scanner")).unwrap();
     let (nonce, body) = on_disk[MAGIC.len()..].split_at(NONCE_LEN);
-    use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce as RingNonce, UnboundKey};
-    let key_bytes = fs::read(dir.path().join(KEY_FILE)).unwrap();
-    let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &key_bytes).unwrap());
+    use ring::aead::{Aad, Nonce as RingNonce};
     let mut body = body.to_vec();
-    let plain = key
+    let plain = ring_key(dir.path())
         .open_in_place(
             RingNonce::try_assume_unique_for_key(nonce).unwrap(),
             Aad::from(&b"scanner"[..]),
