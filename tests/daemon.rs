@@ -324,7 +324,17 @@ fn sighup_reloads_the_file_and_refuses_a_bad_one() {
     std::fs::write(&d.config, &text).unwrap();
     d.signal("HUP");
     let notes = d.wait_note("READY=1");
-    assert!(notes.iter().any(|n| n.contains("RELOADING=1")), "{notes:?}");
+    // RELOADING=1 carries the monotonic time, as systemd 253+ requires.
+    let reloading = notes
+        .iter()
+        .find(|n| n.contains("RELOADING=1"))
+        .unwrap_or_else(|| panic!("no RELOADING=1 in {notes:?}"));
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC= with RELOADING=1: {reloading:?}"));
+    assert!(usec > 0);
     d.wait_log("configuration reloaded");
     let (_, greeting) = Client::connect(addr);
     assert!(greeting.contains("after.test"), "{greeting}");
