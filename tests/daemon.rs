@@ -306,6 +306,20 @@ fn sigterm_with_a_stalled_transfer_gives_421_and_delivers_nothing() {
     assert!(d.delivered().is_empty(), "a partial message was delivered");
 }
 
+/// Ctrl-C in a terminal (SIGINT) drains like `systemctl stop`.
+#[test]
+fn sigint_drains_like_sigterm() {
+    let mut d = Daemon::start("", "", &[]);
+    d.wait_note("READY=1");
+    let (mut idle, greeting) = Client::connect(d.addr());
+    assert!(greeting.starts_with("220"), "{greeting}");
+    d.signal("INT");
+    d.wait_note("STOPPING=1");
+    let told = idle.reply();
+    assert!(told.starts_with("421 4.3.2"), "{told}");
+    assert_eq!(d.exit_code(), Some(0), "{}", d.log());
+}
+
 #[test]
 fn sighup_reloads_the_file_and_refuses_a_bad_one() {
     let mut d = Daemon::start(
