@@ -503,32 +503,50 @@ async fn token_endpoint_failures_map_to_454_or_535() {
 
 #[tokio::test]
 async fn upstream_refusing_the_token_triggers_one_fresh_token_then_gives_up() {
-    let stage = Stage::start().await;
-    stage.office365.set_behaviour(Behaviour {
-        auth_reply: Some("535 5.7.3 Authentication unsuccessful [SANDBOX01]".into()),
-        ..Behaviour::default()
-    });
-    let mut c = stage.client().await;
-    c.ehlo().await;
-    let r = c.auth_plain(USER, PASSWORD).await;
-    assert_eq!(
-        (r.code(), r.enhanced()),
-        (454, Some("4.7.0")),
-        "{}",
-        r.text()
-    );
-    assert_eq!(
-        stage.token_endpoint.request_count(),
-        2,
-        "one retry with a new token"
-    );
-    assert_eq!(stage.office365.auth_attempts().len(), 2);
+    for refusal in [
+        "535 5.7.3 Authentication unsuccessful [SANDBOX01]",
+        // Office365's high-volume endpoint, for a token it finds too close to its expiry.
+        "501 5.5.127 Invalid XOAUTH2 auth data - Token will expire soon",
+    ] {
+        let stage = Stage::start().await;
+        stage.office365.set_behaviour(Behaviour {
+            auth_reply: Some(refusal.into()),
+            ..Behaviour::default()
+        });
+        let mut c = stage.client().await;
+        c.ehlo().await;
+        let r = c.auth_plain(USER, PASSWORD).await;
+        assert_eq!(
+            (r.code(), r.enhanced()),
+            (454, Some("4.7.0")),
+            "{refusal}: {}",
+            r.text()
+        );
+        assert_eq!(
+            stage.token_endpoint.request_count(),
+            2,
+            "{refusal}: one retry with a new token"
+        );
+        let attempts = stage.office365.auth_attempts();
+        assert_eq!(attempts.len(), 2, "{refusal}: then it gives up");
+        assert_ne!(attempts[0].token, attempts[1].token, "{refusal}");
+        assert_eq!(
+            stage.office365.sessions(),
+            2,
+            "{refusal}: on a new connection"
+        );
+    }
 
-    // SMTP AUTH disabled for the tenant: relayed, no token refresh.
+    // SMTP AUTH disabled for the tenant: relayed, no token refresh, no retry, and the log
+    // says what to run.
+    let (_guard, logs) = common::capture_logs();
+    let stage = Stage::start().await;
     stage.office365.set_behaviour(Behaviour {
         auth_reply: Some("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.".into()),
         ..Behaviour::default()
     });
+    let mut c = stage.client().await;
+    c.ehlo().await;
     let r = c.auth_plain(USER, PASSWORD).await;
     assert_eq!(
         (r.code(), r.enhanced()),
@@ -537,7 +555,14 @@ async fn upstream_refusing_the_token_triggers_one_fresh_token_then_gives_up() {
         r.text()
     );
     assert!(r.text().contains("aka.ms/smtp_auth_disabled"));
-    assert_eq!(stage.token_endpoint.request_count(), 2);
+    assert_eq!(stage.token_endpoint.request_count(), 1);
+    assert_eq!(stage.office365.auth_attempts().len(), 1);
+    let text = logs.text();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("5.7.139") && l.contains("SmtpClientAuthenticationDisabled $false")),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -345,6 +345,66 @@ fn the_store_key_handed_over_by_systemd_seals_the_tokens() {
 }
 
 #[test]
+fn the_store_key_can_be_a_systemd_credential() {
+    use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+    use ring::rand::SecureRandom;
+
+    // The token file, opened with `key` as the store seals it: magic, nonce, then the
+    // record under ChaCha20-Poly1305 with the identity as associated data.
+    let refresh_token_in = |file: &std::path::Path, key: &[u8]| {
+        let sealed = std::fs::read(file).unwrap();
+        let (nonce, body) = sealed[4..].split_at(12);
+        let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, key).unwrap());
+        let mut body = body.to_vec();
+        let plain = key
+            .open_in_place(
+                Nonce::try_assume_unique_for_key(nonce).unwrap(),
+                Aad::from(&b"alerts"[..]),
+                &mut body,
+            )
+            .expect("sealed under the credential");
+        let record: serde_json::Value = serde_json::from_slice(plain).unwrap();
+        record["refresh_token"].as_str().unwrap().to_string()
+    };
+    // systemd names a credential by its own name, or prefixed when the unit loads a directory.
+    for name in ["store-key", "smtp-oauth-bridge_store-key"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, state) = delegated_config(dir.path());
+        let credentials = dir.path().join("credentials");
+        std::fs::create_dir_all(&credentials).unwrap();
+        let mut key = [0u8; 32];
+        ring::rand::SystemRandom::new().fill(&mut key).unwrap();
+        std::fs::write(credentials.join(name), key).unwrap();
+        let import = |credentials: Option<&std::path::Path>, token: &str| {
+            let mut cmd = bridge();
+            cmd.arg("--config")
+                .arg(&path)
+                .args(["import-token", "alerts"]);
+            if let Some(dir) = credentials {
+                cmd.env("CREDENTIALS_DIRECTORY", dir);
+            }
+            run_with_stdin(cmd, token)
+        };
+
+        let out = import(Some(credentials.as_path()), "0.Afrom-the-credential\n");
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !state.join("store.key").exists(),
+            "{name}: no key file made"
+        );
+        let file = state.join("tokens/alerts.token");
+        assert_eq!(refresh_token_in(&file, &key), "0.Afrom-the-credential");
+        // Without the credential the store is refused rather than given a new key.
+        assert_eq!(import(None, "0.Aother\n").status.code(), Some(69), "{name}");
+        assert_eq!(refresh_token_in(&file, &key), "0.Afrom-the-credential");
+    }
+}
+
+#[test]
 fn generate_certificate_writes_a_private_key_and_never_overwrites_by_accident() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");

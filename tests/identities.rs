@@ -1,5 +1,6 @@
 //! Stories of identities against the fake Entra and Office365: local users sharing one
-//! identity, a whole domain behind one app-only identity, certificate credentials, tokens
+//! identity, a whole domain behind one app-only identity, certificate credentials (and the
+//! fake Entra's check of client assertions, which those stories rely on), tokens
 //! obtained at start and shown by `accounts`, a slow token endpoint that clients never wait
 //! for long, and a token the provider refuses before it expires.
 
@@ -182,6 +183,185 @@ async fn a_certificate_signs_the_client_assertion_in_either_header_style() {
             .unwrap()
             .contains("upload the certificate")
     );
+}
+
+/// The fake Entra's check of client assertions is what makes "valid" above mean something:
+/// it refuses every assertion Entra refuses (wrong audience, issuer or subject, a lifetime
+/// over ten minutes, outside its time window, no or a replayed `jti`, a bad signature, an
+/// unknown thumbprint), and accepts a correct one in either header style.
+#[tokio::test]
+async fn the_fake_entra_refuses_assertions_entra_would_refuse() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use smtp_oauth_bridge::config::{ClientCredential, Config};
+    use smtp_oauth_bridge::oauth::endpoint::{EndpointError, Http};
+    use smtp_oauth_bridge::sandbox::{SandboxCa, TokenEndpoint, TokenRegistry};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, der) = common::rsa_certificate(dir.path(), "bridge-app");
+    let ca = SandboxCa::generate().unwrap();
+    let endpoint = TokenEndpoint::start(
+        ca.server_config(&["127.0.0.1"]).unwrap(),
+        std::sync::Arc::new(TokenRegistry::new()),
+        TokenEndpointConfig {
+            clients: vec![ClientRegistration::with_certificate(CLIENT_ID, der.clone())],
+            ..TokenEndpointConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.ca_pem()).unwrap();
+    let tls = smtp_oauth_bridge::tls::client_config(Some(&ca_file), Vec::new()).unwrap();
+    let http = Http::new(&tls, Duration::from_secs(10)).unwrap();
+    let config = Config::from_toml_str(&format!(
+        "[[accounts]]\nusername = \"{USER}\"\npassword_hash = \"{}\"\ntenant = \"{TENANT}\"\n\
+         client_id = \"{CLIENT_ID}\"\nclient_certificate = \"{}\"\n",
+        common::password_hash(),
+        pem.display()
+    ))
+    .unwrap();
+    let ClientCredential::Certificate(credential) = &config.identities[0].oauth.credential else {
+        panic!("a certificate credential");
+    };
+    let token_url = endpoint.token_url(TENANT);
+    let now = smtp_oauth_bridge::store::unix_now();
+    let sha256 = URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, der.as_ref()));
+    let sha1 = URL_SAFE_NO_PAD.encode(ring::digest::digest(
+        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        der.as_ref(),
+    ));
+    let mut serial = 0;
+    let mut jti = || {
+        serial += 1;
+        format!("jti-{serial}")
+    };
+    // An assertion signed with the certificate's key (PS256), from a header and claims.
+    let sign = |header: serde_json::Value, claims: serde_json::Value| {
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let signer = credential
+            .key
+            .choose_scheme(&[rustls::SignatureScheme::RSA_PSS_SHA256])
+            .unwrap();
+        let signature = signer.sign(input.as_bytes()).unwrap();
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature))
+    };
+    let header = serde_json::json!({ "alg": "PS256", "typ": "JWT", "x5t#S256": sha256 });
+    let claims = |jti: String| {
+        serde_json::json!({
+            "aud": token_url, "iss": CLIENT_ID, "sub": CLIENT_ID, "jti": jti,
+            "nbf": now, "iat": now, "exp": now + 300,
+        })
+    };
+    let present = |assertion: String| {
+        let http = http.clone();
+        let token_url = token_url.clone();
+        async move {
+            let form = [
+                ("grant_type", "client_credentials"),
+                ("client_id", CLIENT_ID),
+                ("scope", "https://outlook.office365.com/.default"),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ),
+                ("client_assertion", assertion.as_str()),
+            ];
+            match http.token(&token_url, &form).await {
+                Ok(_) => None,
+                Err(EndpointError::OAuth { aadsts, .. }) => aadsts,
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+    };
+
+    // Correct ones: hand-made, in both header styles, and the bridge's own.
+    let good = sign(header.clone(), claims(jti()));
+    assert_eq!(present(good.clone()).await, None);
+    let sha1_header = serde_json::json!({ "alg": "PS256", "typ": "JWT", "x5t": sha1 });
+    assert_eq!(present(sign(sha1_header, claims(jti()))).await, None);
+    let bridge =
+        smtp_oauth_bridge::oauth::jwt::client_assertion(credential, CLIENT_ID, &token_url, now)
+            .unwrap();
+    assert_eq!(present(bridge).await, None);
+
+    let with = |key: &str, value: serde_json::Value, jti: String| {
+        let mut c = claims(jti);
+        c[key] = value;
+        c
+    };
+    let refused = [
+        ("replayed", good.clone(), 700232),
+        (
+            "no jti",
+            sign(header.clone(), with("jti", "".into(), jti())),
+            700232,
+        ),
+        (
+            "another audience",
+            sign(
+                header.clone(),
+                with(
+                    "aud",
+                    "https://login.example.test/t/oauth2/v2.0/token".into(),
+                    jti(),
+                ),
+            ),
+            700212,
+        ),
+        (
+            "another issuer",
+            sign(header.clone(), with("iss", "someone-else".into(), jti())),
+            50048,
+        ),
+        (
+            "another subject",
+            sign(header.clone(), with("sub", "someone-else".into(), jti())),
+            50048,
+        ),
+        (
+            "valid 15 minutes",
+            sign(header.clone(), with("exp", (now + 900).into(), jti())),
+            700024,
+        ),
+        (
+            "expired",
+            sign(header.clone(), with("exp", (now - 60).into(), jti())),
+            700024,
+        ),
+        (
+            "not yet valid",
+            sign(header.clone(), with("nbf", (now + 3600).into(), jti())),
+            700024,
+        ),
+        (
+            "another certificate",
+            sign(
+                serde_json::json!({ "alg": "PS256", "x5t#S256": URL_SAFE_NO_PAD.encode([7u8; 32]) }),
+                claims(jti()),
+            ),
+            700027,
+        ),
+        (
+            "a forged signature",
+            {
+                // One character of the signature changed (not the last, whose low bits are
+                // padding).
+                let signed = sign(header.clone(), claims(jti()));
+                let at = signed.rfind('.').unwrap() + 10;
+                let swapped = if &signed[at..=at] == "A" { "B" } else { "A" };
+                format!("{}{swapped}{}", &signed[..at], &signed[at + 1..])
+            },
+            700027,
+        ),
+    ];
+    for (what, assertion, code) in refused {
+        assert_eq!(present(assertion).await, Some(code), "{what}");
+    }
 }
 
 /// Waits (briefly, on the real clock) until `check` holds.
@@ -381,4 +561,55 @@ async fn a_reload_keeps_tokens_of_unchanged_identities_and_retries_a_fixed_one()
     );
     drop(control);
     running.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_token_wait_counts_from_the_auth_password_check_included() {
+    // A costly hash (64 MiB, 8 passes) makes the password check itself take a while.
+    use argon2::PasswordHasher;
+    let argon = argon2::Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        argon2::Params::new(64 * 1024, 8, 1, None).unwrap(),
+    );
+    let started = Instant::now();
+    let costly = argon
+        .hash_password(b"scanner-password")
+        .unwrap()
+        .to_string();
+    let check = started.elapsed();
+    assert!(
+        check > Duration::from_millis(250),
+        "the check took {check:?}"
+    );
+
+    let stage = Stage::start_with(Options {
+        tokens_extra: "session_wait = 1".into(),
+        config_extra: format!(
+            "{}\n[[accounts]]\nname = \"scanner\"\nusername = \"scanner@contoso.com\"\n\
+             password_hash = \"{costly}\"\nidentity = \"contoso-app\"\n",
+            shared_identity()
+        ),
+        ..Options::default()
+    })
+    .await;
+    stage.token_endpoint.set_delay(Duration::from_secs(4));
+    let mut c = stage.client().await;
+    c.ehlo().await;
+    let asked = Instant::now();
+    let r = c
+        .auth_plain("scanner@contoso.com", "scanner-password")
+        .await;
+    let waited = asked.elapsed();
+    assert_eq!(
+        (r.code(), r.enhanced()),
+        (454, Some("4.7.0")),
+        "{}",
+        r.text()
+    );
+    // `session_wait` from the AUTH, not from the end of a password check of about `check`.
+    assert!(
+        waited < Duration::from_secs(1) + Duration::from_millis(200),
+        "answered after {waited:?} (the password check alone takes about {check:?})"
+    );
 }

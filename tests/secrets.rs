@@ -3,7 +3,8 @@
 //! (a delegated refresh with rotation, an app-only identity shared by a whole domain, a
 //! certificate identity the endpoint refuses), serves sessions (a wrong password, a domain
 //! mailbox, a message), and signs users in with a device code and with a browser. Then every
-//! configuration, account, identity and token type is formatted with `{:?}` and `{}`, and
+//! configuration, account, identity, token and session type (the SASL exchange and the
+//! credentials it yields) is formatted with `{:?}` and `{}`, and
 //! neither that text nor the captured log may contain the local password (or its base64),
 //! the client secret, any access token, refresh token or authorization code.
 
@@ -20,6 +21,7 @@ use smtp_oauth_bridge::oauth::endpoint::Http;
 use smtp_oauth_bridge::oauth::login::{self, Method};
 use smtp_oauth_bridge::oauth::{State, StatusFile};
 use smtp_oauth_bridge::sandbox::TokenEndpointConfig;
+use smtp_oauth_bridge::smtp::sasl::{Exchange, Mechanism, Step};
 use tracing_subscriber::fmt::MakeWriter;
 
 #[derive(Clone, Default)]
@@ -266,6 +268,22 @@ async fn no_secret_in_trace_logs_debug_display_status_or_printed_output() {
     for identity in ["printer", "delegated", "contoso-app"] {
         formatted.push_str(&format!("{:?}\n", store.load(identity).unwrap()));
     }
+    // The session side: the SASL exchanges that carry the local password, and what they
+    // yield.
+    let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+    let plain = b64(&format!("\0{USER}\0{PASSWORD}"));
+    let (exchange, step) = Exchange::start(Mechanism::Plain, Some(plain.as_bytes()));
+    assert!(matches!(step, Step::Done(_)));
+    formatted.push_str(&format!("{exchange:?}\n{step:?}\n"));
+    let (mut exchange, step) = Exchange::start(Mechanism::Login, None);
+    formatted.push_str(&format!(
+        "{step:?}\n{:?}\n",
+        exchange.respond(b64(USER).as_bytes())
+    ));
+    formatted.push_str(&format!("{exchange:?}\n"));
+    let step = exchange.respond(b64(PASSWORD).as_bytes());
+    assert!(matches!(step, Step::Done(_)));
+    formatted.push_str(&format!("{exchange:?}\n{step:?}\n"));
     let refused = stage.shared.tokens.token("unknown-cert").await.unwrap_err();
     formatted.push_str(&format!("{refused:?}\n{refused}\n"));
     let status_text = std::fs::read_to_string(stage.dir.path().join("state/status.json")).unwrap();

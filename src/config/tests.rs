@@ -41,6 +41,13 @@ fn office365_defaults() {
     assert_eq!(config.server.max_message_size, OFFICE365_MAX_SIZE);
     assert_eq!(config.server.listen.len(), 2);
     assert!(config.account_by_username("PRINTER@contoso.COM").is_some());
+    // State apart from the configuration: systemd's StateDirectory= when it sets one.
+    if std::env::var_os("STATE_DIRECTORY").is_none() {
+        assert_eq!(
+            config.store.directory,
+            PathBuf::from("/var/lib/smtp-oauth-bridge")
+        );
+    }
 }
 
 #[test]

@@ -61,7 +61,7 @@ pub struct TokenAnswer {
 
 /// A device authorization answer (RFC 8628 §3.2; Entra names the URL `verification_uri`,
 /// Google's older form `verification_url`).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DeviceAuthorization {
     pub device_code: String,
     pub user_code: String,
@@ -70,6 +70,20 @@ pub struct DeviceAuthorization {
     pub interval: Duration,
     /// Entra's ready-made sentence for the user, when present.
     pub message: Option<String>,
+}
+
+// Hand-written: the device code is redeemable for tokens once the user has signed in. The
+// user code is shown to the user anyway.
+impl std::fmt::Debug for DeviceAuthorization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceAuthorization")
+            .field("device_code", &"[redacted]")
+            .field("user_code", &self.user_code)
+            .field("verification_uri", &self.verification_uri)
+            .field("expires_in", &self.expires_in)
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A raw answer: status, `Retry-After`, body.
@@ -357,14 +371,19 @@ mod tests {
 
     #[test]
     fn device_answers_from_entra_and_google() {
-        let entra = r#"{"device_code":"d","user_code":"ABC-DEF","verification_uri":"https://microsoft.com/devicelogin","expires_in":900,"interval":5,"message":"To sign in..."}"#;
+        let entra = r#"{"device_code":"d","user_code":"ABC-DEF","verification_uri":"https://microsoft.com/devicelogin","expires_in":900,"interval":7,"message":"To sign in..."}"#;
         let d = parse_device(&answer(200, entra)).unwrap();
-        assert_eq!(d.interval, Duration::from_secs(5));
+        assert_eq!(d.interval, Duration::from_secs(7), "the server's interval");
+        assert_eq!(d.expires_in, Duration::from_secs(900));
         assert_eq!(d.message.as_deref(), Some("To sign in..."));
         let google = r#"{"device_code":"d","user_code":"X","verification_url":"https://www.google.com/device","expires_in":"1800"}"#;
         let d = parse_device(&answer(200, google)).unwrap();
         assert_eq!(d.verification_uri, "https://www.google.com/device");
         assert_eq!(d.expires_in, Duration::from_secs(1800));
         assert_eq!(d.interval, Duration::from_secs(5));
+
+        let secret = r#"{"device_code":"GmRhmhcxhw-device-marker","user_code":"X","verification_uri":"https://microsoft.com/devicelogin","expires_in":900}"#;
+        let shown = format!("{:?}", parse_device(&answer(200, secret)).unwrap());
+        assert!(!shown.contains("device-marker"), "{shown}");
     }
 }

@@ -234,6 +234,94 @@ mod tests {
         assert_eq!(until(160, 100), "expired 1m 0s ago");
     }
 
+    fn identity_status(name: &str, flow: &str, state: State) -> IdentityStatus {
+        IdentityStatus {
+            name: name.into(),
+            flow: flow.into(),
+            state,
+            access_token_expires: None,
+            last_refresh: None,
+            refresh_token_received: None,
+            refresh_token_used: None,
+            retry_at: None,
+            last_error: None,
+            hint: None,
+            requests: 0,
+        }
+    }
+
+    #[test]
+    fn each_account_shows_flow_state_expiry_last_refresh_and_refresh_token_age() {
+        let hash = crate::users::hash_password("pw").unwrap();
+        let config = Config::from_toml_str(&format!(
+            "[[identities]]\nname = \"app\"\ntenant = \"contoso.onmicrosoft.com\"\n\
+             client_id = \"x\"\nclient_secret = \"hunter2-secret\"\n\
+             [[identities]]\nname = \"delegated\"\ntenant = \"contoso.onmicrosoft.com\"\n\
+             client_id = \"y\"\nflow = \"refresh_token\"\n\
+             [[accounts]]\nname = \"everyone\"\nusername = \"*@contoso.com\"\n\
+             password_hash = \"{hash}\"\nidentity = \"app\"\n\
+             [[accounts]]\nname = \"printer\"\nusername = \"printer@fabrikam.com\"\n\
+             password_hash = \"{hash}\"\nidentity = \"delegated\"\n"
+        ))
+        .unwrap();
+        let now = 1_000_000_000;
+        let delegated = IdentityStatus {
+            access_token_expires: Some(now + 1800),
+            last_refresh: Some(now - 600),
+            refresh_token_received: Some(now - 3 * 86_400 - 7200),
+            refresh_token_used: Some(now - 600),
+            ..identity_status("delegated", "refresh_token", State::Refreshing)
+        };
+        let app = IdentityStatus {
+            last_error: Some("account needs an administrator: invalid_client".into()),
+            hint: Some("check the client secret".into()),
+            ..identity_status("app", "client_credentials", State::NeedsLogin)
+        };
+        let status = StatusFile {
+            pid: 1,
+            started: now - 3600,
+            written: now - 5,
+            identities: vec![app, delegated],
+        };
+        let text = render_accounts(&config, Some(&status), true, now);
+        let row = |account: &str| -> Vec<String> {
+            let line = text.lines().find(|l| l.starts_with(account)).unwrap();
+            line.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        assert_eq!(
+            row("printer"),
+            [
+                "printer",
+                "printer@fabrikam.com",
+                "delegated",
+                "refresh_token",
+                "refreshing",
+                "in 30m 0s",
+                "10m 0s ago",
+                "3d 2h"
+            ]
+        );
+        assert_eq!(
+            row("everyone"),
+            [
+                "everyone",
+                "*@contoso.com",
+                "app",
+                "client_credentials",
+                "needs-login",
+                "-",
+                "-",
+                "-"
+            ]
+        );
+        assert!(text.contains("hint: check the client secret"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
     #[test]
     fn states_serialise_as_accounts_prints_them() {
         let json = serde_json::to_string(&State::NeedsLogin).unwrap();

@@ -6,6 +6,7 @@
 //! at once in the listener mode, and `--paste` skips the listener. `state` ties the redirect
 //! to this login: a redirect with another state is refused and nothing is stored.
 
+use std::fmt;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -31,12 +32,24 @@ const MAX_REQUEST: usize = 16 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the redirect carried.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Default, PartialEq, Eq)]
 pub struct Redirect {
     pub code: Option<String>,
     pub state: Option<String>,
     pub error: Option<String>,
     pub error_description: Option<String>,
+}
+
+// Hand-written: the code is redeemable for tokens (with the verifier) until it is used.
+impl fmt::Debug for Redirect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Redirect")
+            .field("code", &self.code.as_ref().map(|_| "[redacted]"))
+            .field("state", &self.state)
+            .field("error", &self.error)
+            .field("error_description", &self.error_description)
+            .finish()
+    }
 }
 
 impl Redirect {
@@ -448,5 +461,16 @@ mod tests {
         assert!(matches!(check(r, "s1"), Err(LoginError::StateMismatch)));
         let r = Redirect::parse("/?code=abc");
         assert!(matches!(check(r, "s1"), Err(LoginError::StateMismatch)));
+    }
+
+    #[test]
+    fn debug_output_hides_the_code() {
+        let r = Redirect::parse("/?code=M.C507_code-marker&state=s1");
+        let shown = format!("{r:?}");
+        assert!(
+            shown.contains("s1") && shown.contains("[redacted]"),
+            "{shown}"
+        );
+        assert!(!shown.contains("code-marker"), "{shown}");
     }
 }

@@ -112,32 +112,32 @@ async fn poll(identity: &Identity, http: &Http, authorization: &DeviceAuthorizat
     }
     match http.token(&oauth.token_url, &form.pairs()).await {
         Ok(answer) => Poll::Granted(answer),
-        Err(EndpointError::OAuth {
-            error, description, ..
-        }) if is_device_error(&error) => match error.as_str() {
-            "authorization_pending" => Poll::Pending,
-            "slow_down" => Poll::SlowDown,
-            "expired_token" | "code_expired" => Poll::Expired,
-            _ => Poll::Declined(if description.is_empty() {
-                error
-            } else {
-                description
-            }),
-        },
-        Err(e) => Poll::Failed(classify(e, oauth.flow, &login_command(&identity.name))),
+        Err(e) => device_outcome(&e).unwrap_or_else(|| {
+            Poll::Failed(classify(e, oauth.flow, &login_command(&identity.name)))
+        }),
     }
 }
 
-fn is_device_error(error: &str) -> bool {
-    matches!(
-        error,
-        "authorization_pending"
-            | "slow_down"
-            | "expired_token"
-            | "code_expired"
-            | "authorization_declined"
-            | "access_denied"
-    )
+/// What an error answer to a poll means for the device flow; `None` for errors that are not
+/// the flow's own (they are classified like any token endpoint failure).
+fn device_outcome(error: &EndpointError) -> Option<Poll> {
+    let EndpointError::OAuth {
+        error, description, ..
+    } = error
+    else {
+        return None;
+    };
+    Some(match error.as_str() {
+        "authorization_pending" => Poll::Pending,
+        "slow_down" => Poll::SlowDown,
+        "expired_token" | "code_expired" => Poll::Expired,
+        "authorization_declined" | "access_denied" => Poll::Declined(if description.is_empty() {
+            error.clone()
+        } else {
+            description.clone()
+        }),
+        _ => return None,
+    })
 }
 
 /// The polling loop, apart from HTTP so its timing is tested with a paused clock. `progress`
@@ -267,6 +267,47 @@ mod tests {
         let (result, polls, _) = run(&auth, vec![refused]).await;
         assert!(matches!(result, Err(LoginError::Refused(_))));
         assert_eq!(polls.len(), 1);
+    }
+
+    fn oauth_error(status: u16, error: &str, description: &str) -> EndpointError {
+        EndpointError::OAuth {
+            status,
+            error: error.into(),
+            description: description.into(),
+            aadsts: None,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn answers_to_a_poll_are_read_by_their_error_field() {
+        let read =
+            |error: &str, description: &str| device_outcome(&oauth_error(400, error, description));
+        assert!(matches!(
+            read("authorization_pending", "AADSTS70016: pending"),
+            Some(Poll::Pending)
+        ));
+        assert!(matches!(read("slow_down", ""), Some(Poll::SlowDown)));
+        assert!(matches!(read("expired_token", ""), Some(Poll::Expired)));
+        assert!(matches!(read("code_expired", ""), Some(Poll::Expired)));
+        assert!(matches!(
+            read("authorization_declined", "AADSTS70000: the user said no"),
+            Some(Poll::Declined(why)) if why == "AADSTS70000: the user said no"
+        ));
+        assert!(matches!(
+            read("access_denied", ""),
+            Some(Poll::Declined(why)) if why == "access_denied"
+        ));
+        // Anything else is a token endpoint failure like any other.
+        assert!(read("invalid_client", "").is_none());
+        assert!(read("temporarily_unavailable", "").is_none());
+        assert!(
+            device_outcome(&EndpointError::Status {
+                status: 502,
+                retry_after: None
+            })
+            .is_none()
+        );
     }
 
     #[tokio::test(start_paused = true)]
