@@ -304,46 +304,6 @@ fn a_store_whose_key_is_elsewhere_is_refused_not_rekeyed() {
     assert!(!state.join("store.key").exists(), "no new key was made");
 }
 
-/// Under the shipped unit, `LoadCredential=` of the credentials directory hands the store key
-/// over as `$CREDENTIALS_DIRECTORY/smtp-oauth-bridge_store-key`: the tokens are sealed with it
-/// and no key is written next to them.
-#[test]
-fn the_store_key_handed_over_by_systemd_seals_the_tokens() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, state) = delegated_config(dir.path());
-    let creds = dir.path().join("credentials");
-    std::fs::create_dir(&creds).unwrap();
-    let key: Vec<u8> = (0u8..32)
-        .map(|i| i.wrapping_mul(37).wrapping_add(11))
-        .collect();
-    std::fs::write(creds.join("smtp-oauth-bridge_store-key"), &key).unwrap();
-    let import = |token: &str, with_credentials: bool| {
-        let mut cmd = bridge();
-        cmd.arg("--config")
-            .arg(&path)
-            .args(["import-token", "alerts"]);
-        if with_credentials {
-            cmd.env("CREDENTIALS_DIRECTORY", &creds);
-        }
-        run_with_stdin(cmd, token)
-    };
-    let out = import("0.Afirst-token\n", true);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !state.join("store.key").exists(),
-        "the credential is the key"
-    );
-    // Without the credential the store is refused, not given a new key.
-    let out = import("0.Asecond-token\n", false);
-    assert_eq!(out.status.code(), Some(69));
-    assert!(!state.join("store.key").exists());
-    assert!(import("0.Athird-token\n", true).status.success());
-}
-
 #[test]
 fn the_store_key_can_be_a_systemd_credential() {
     use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
