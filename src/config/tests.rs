@@ -591,3 +591,29 @@ fn every_key_is_documented_in_the_shipped_proxy_toml() {
     assert!(!documented(shipped, "zz_not_a_key"));
     assert!(accepted_keys("[server]\nzz_not_a_key = 1\n").contains(&"listen"));
 }
+
+#[test]
+fn the_admin_listener_stays_on_loopback() {
+    let with = |admin: &str| Config::from_toml_str(&format!("[admin]\n{admin}\n{}", office365("")));
+    let config = with("listen = \"127.0.0.1:9725\"").unwrap();
+    let admin = config.admin.unwrap();
+    assert_eq!(admin.listen, "127.0.0.1:9725".parse().unwrap());
+    assert_eq!(admin.upstream_failures_unhealthy, 3);
+    assert!(with("listen = \"[::1]:9725\"").is_ok());
+    // Metrics name every account: never on an address others can reach.
+    for outside in ["0.0.0.0:9725", "[::]:9725", "192.0.2.10:9725"] {
+        let e = with(&format!("listen = \"{outside}\"")).err().unwrap();
+        assert_eq!(e.key, "admin.listen", "{outside}");
+    }
+    assert_eq!(with("").err().unwrap().key, "admin.listen");
+    let e = with("listen = \"127.0.0.1:9725\"\nupstream_failures_unhealthy = 0")
+        .err()
+        .unwrap();
+    assert_eq!(e.key, "admin.upstream_failures_unhealthy");
+    assert!(
+        Config::from_toml_str(&office365(""))
+            .unwrap()
+            .admin
+            .is_none()
+    );
+}
