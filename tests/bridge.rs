@@ -522,7 +522,9 @@ async fn upstream_refusing_the_token_triggers_one_fresh_token_then_gives_up() {
         );
     }
 
-    // SMTP AUTH disabled for the tenant: relayed, no token refresh, no retry.
+    // SMTP AUTH disabled for the tenant: relayed, no token refresh, no retry, and the log
+    // says what to run.
+    let (_guard, logs) = common::capture_logs();
     let stage = Stage::start().await;
     stage.office365.set_behaviour(Behaviour {
         auth_reply: Some("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.".into()),
@@ -540,6 +542,12 @@ async fn upstream_refusing_the_token_triggers_one_fresh_token_then_gives_up() {
     assert!(r.text().contains("aka.ms/smtp_auth_disabled"));
     assert_eq!(stage.token_endpoint.request_count(), 1);
     assert_eq!(stage.office365.auth_attempts().len(), 1);
+    let text = logs.text();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("5.7.139") && l.contains("SmtpClientAuthenticationDisabled $false")),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -726,4 +734,117 @@ async fn an_overlong_auth_line_gets_500_5_5_6() {
         .await;
     assert_eq!(r.code(), 501);
     assert_eq!(c.auth_plain(USER, PASSWORD).await.code(), 235);
+}
+
+/// Old devices greet with HELO. They get a one-line 250 without extensions, the bridge's own
+/// replies without enhanced status codes (RFC 2034 applies only after EHLO), and can still
+/// log in and send.
+#[tokio::test]
+async fn a_helo_client_logs_in_and_sends_without_extensions() {
+    let stage = Stage::start().await;
+    let mut c = stage.client().await;
+    let r = c.cmd("HELO old-printer").await;
+    assert_eq!(
+        c_line(&r),
+        "250 bridge.test",
+        "no ESMTP keywords after HELO"
+    );
+    let r = c.cmd(&format!("MAIL FROM:<{USER}>")).await;
+    assert_eq!((r.code(), r.enhanced()), (530, None), "{}", r.text());
+    let r = c.auth_plain(USER, PASSWORD).await;
+    assert_eq!((r.code(), r.enhanced()), (235, None), "{}", r.text());
+    let r = c
+        .send_message(USER, &["a@contoso.com"], b"Subject: helo\r\n\r\nhi\r\n")
+        .await;
+    assert_eq!(r.code(), 250, "{}", r.text());
+    assert_eq!(c.cmd("QUIT").await.code(), 221);
+    let m = stage.office365.messages();
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].data, b"Subject: helo\r\n\r\nhi\r\n");
+    assert_eq!(stage.office365.auth_attempts()[0].mechanism, "XOAUTH2");
+}
+
+/// The default configuration listens on IPv6 loopback too (`[::1]:1587`); a client there is a
+/// loopback client, so it may log in without TLS and its message goes through.
+#[tokio::test]
+async fn a_client_on_ipv6_loopback_is_served() {
+    let stage = Stage::start_with(common::Options {
+        tweak: Some(Box::new(|c| {
+            c.server.listen = vec!["[::1]:0".parse().unwrap()];
+        })),
+        ..common::Options::default()
+    })
+    .await;
+    assert!(stage.bridge.is_ipv6(), "{}", stage.bridge);
+    let mut c = stage.client().await;
+    let caps = common::ehlo_lines(&c.ehlo().await);
+    assert!(caps.iter().any(|l| l == "AUTH PLAIN LOGIN"), "{caps:?}");
+    assert_eq!(c.auth_plain(USER, PASSWORD).await.code(), 235);
+    let r = c
+        .send_message(USER, &["a@contoso.com"], b"Subject: v6\r\n\r\nhi\r\n")
+        .await;
+    assert_eq!(r.code(), 250, "{}", r.text());
+    assert_eq!(stage.office365.messages().len(), 1);
+}
+
+/// DATA is streamed: while the client is still sending (no final dot yet), most of what it
+/// sent has already reached the provider. A bridge that held the message back until the end
+/// would have passed on nothing.
+#[tokio::test]
+async fn message_bytes_reach_the_provider_before_the_client_has_finished() {
+    let stage = Stage::start().await;
+    let mut c = stage.logged_in().await;
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{USER}>")).await.code(), 250);
+    assert_eq!(c.cmd("RCPT TO:<a@contoso.com>").await.code(), 250);
+    assert_eq!(c.cmd("DATA").await.code(), 354);
+    let line = format!("{}\r\n", "s".repeat(998));
+    let mut body = b"Subject: streamed\r\n\r\n".to_vec();
+    while body.len() < 2 * 1024 * 1024 {
+        body.extend_from_slice(line.as_bytes());
+    }
+    c.send(&body).await;
+    let sent = body.len() as u64;
+    assert!(
+        common::eventually(|| stage.office365.data_octets_received() >= sent / 2).await,
+        "the provider had {} of {sent} octets before the final dot",
+        stage.office365.data_octets_received()
+    );
+    assert!(stage.office365.messages().is_empty(), "not ended yet");
+
+    c.send(b".\r\n").await;
+    let r = c.reply().await;
+    assert_eq!(r.code(), 250, "{}", r.text());
+    assert_eq!(stage.office365.messages()[0].data, body);
+}
+
+/// A provider refusal at AUTH reaches the client as a clear reply and the log as the
+/// provider's own words, which is what an administrator searches for.
+#[tokio::test]
+async fn a_provider_refusal_at_auth_is_logged_with_the_providers_text() {
+    let (_guard, logs) = common::capture_logs();
+    let stage = Stage::start().await;
+    let refusal = "554 5.7.1 Blocked by the provider [DIAG-7731]";
+    stage.office365.set_behaviour(Behaviour {
+        auth_reply: Some(refusal.into()),
+        ..Behaviour::default()
+    });
+    let mut c = stage.client().await;
+    c.ehlo().await;
+    let r = c.auth_plain(USER, PASSWORD).await;
+    assert_eq!(
+        (r.code(), r.enhanced()),
+        (454, Some("4.7.0")),
+        "{}",
+        r.text()
+    );
+    assert!(
+        r.text().contains("554"),
+        "the client learns the provider's code: {}",
+        r.text()
+    );
+    let lines = logs.lines_with("cannot open the upstream session");
+    assert_eq!(lines.len(), 1, "{}", logs.text());
+    assert!(lines[0].contains("WARN"), "{}", lines[0]);
+    assert!(lines[0].contains(refusal), "{}", lines[0]);
+    assert!(lines[0].contains("account=printer"), "{}", lines[0]);
 }

@@ -306,6 +306,20 @@ fn sigterm_with_a_stalled_transfer_gives_421_and_delivers_nothing() {
     assert!(d.delivered().is_empty(), "a partial message was delivered");
 }
 
+/// Ctrl-C in a terminal (SIGINT) drains like `systemctl stop`.
+#[test]
+fn sigint_drains_like_sigterm() {
+    let mut d = Daemon::start("", "", &[]);
+    d.wait_note("READY=1");
+    let (mut idle, greeting) = Client::connect(d.addr());
+    assert!(greeting.starts_with("220"), "{greeting}");
+    d.signal("INT");
+    d.wait_note("STOPPING=1");
+    let told = idle.reply();
+    assert!(told.starts_with("421 4.3.2"), "{told}");
+    assert_eq!(d.exit_code(), Some(0), "{}", d.log());
+}
+
 #[test]
 fn sighup_reloads_the_file_and_refuses_a_bad_one() {
     let mut d = Daemon::start(
@@ -324,7 +338,17 @@ fn sighup_reloads_the_file_and_refuses_a_bad_one() {
     std::fs::write(&d.config, &text).unwrap();
     d.signal("HUP");
     let notes = d.wait_note("READY=1");
-    assert!(notes.iter().any(|n| n.contains("RELOADING=1")), "{notes:?}");
+    // RELOADING=1 carries the monotonic time, as systemd 253+ requires.
+    let reloading = notes
+        .iter()
+        .find(|n| n.contains("RELOADING=1"))
+        .unwrap_or_else(|| panic!("no RELOADING=1 in {notes:?}"));
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC= with RELOADING=1: {reloading:?}"));
+    assert!(usec > 0);
     d.wait_log("configuration reloaded");
     let (_, greeting) = Client::connect(addr);
     assert!(greeting.contains("after.test"), "{greeting}");
@@ -465,6 +489,64 @@ fn under_journald_each_line_carries_its_syslog_priority() {
             "colour codes for the journal: {line:?}"
         );
     }
+}
+
+/// `format = "json"`: every line is a JSON object; the relayed message's line has the
+/// session's id, client and account and the message's account, size, recipients, reply
+/// code and the provider's text with its queue id. `RUST_LOG` wins over `[log] level`.
+#[test]
+fn json_lines_carry_the_session_and_message_fields_and_rust_log_sets_the_level() {
+    let mut d = Daemon::start(
+        "",
+        "format = \"json\"",
+        &[("RUST_LOG", "smtp_oauth_bridge=info")],
+    );
+    d.wait_note("READY=1");
+    d.wait_log("listening for SMTP clients");
+    let parsed = |log: &str| -> Vec<serde_json::Value> {
+        log.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect()
+    };
+    let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or("").to_string();
+    let addr: SocketAddr = parsed(&d.log())
+        .iter()
+        .find(|v| message(v) == "listening for SMTP clients")
+        .and_then(|v| v["fields"]["address"].as_str()?.parse().ok())
+        .expect("the listening line names its address");
+
+    let mut c = Client::mid_data(addr, "as json");
+    c.send(b"second half\r\n.\r\n");
+    let verdict = c.reply();
+    assert!(verdict.starts_with("250"), "{verdict}");
+    d.wait_log("message relayed");
+    let lines = parsed(&d.log());
+    let relayed = lines
+        .iter()
+        .find(|v| message(v) == "message relayed")
+        .unwrap();
+    assert_eq!(relayed["level"], "INFO");
+    let fields = &relayed["fields"];
+    assert_eq!(fields["account"], "printer");
+    assert_eq!(fields["recipients"], 1);
+    assert_eq!(fields["code"], 250);
+    assert!(fields["size"].as_u64().unwrap() > 20, "{fields}");
+    // The provider's text, with the queue id it gave the message.
+    let reply = fields["reply"].as_str().unwrap();
+    assert!(
+        verdict.contains(reply) && reply.contains('<'),
+        "{reply} / {verdict}"
+    );
+    let span = &relayed["span"];
+    assert_eq!(span["name"], "session");
+    assert_eq!(span["account"], "printer");
+    assert!(span["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(!span["id"].as_str().unwrap().is_empty());
+    // [log] level = "debug" in the file, RUST_LOG=smtp_oauth_bridge=info in the environment.
+    assert!(lines.iter().all(|v| v["level"] != "DEBUG"), "{}", d.log());
+
+    d.signal("TERM");
+    assert_eq!(d.exit_code(), Some(0));
 }
 
 #[test]

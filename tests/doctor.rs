@@ -214,3 +214,57 @@ async fn a_configuration_error_stops_doctor_at_the_first_check() {
     assert!(text.contains("server.listen[0]"), "{text}");
     assert!(fix_for(&text, "configuration").contains("proxy.toml"));
 }
+
+/// Under the shipped unit a secret file in /etc/smtp-oauth-bridge/credentials arrives as
+/// `$CREDENTIALS_DIRECTORY/smtp-oauth-bridge_NAME`; `client_secret_file = "NAME"` finds it and
+/// the token endpoint accepts it. Without the credential the name means nothing.
+#[tokio::test]
+async fn a_client_secret_handed_over_by_systemd_reaches_the_token_endpoint() {
+    let fakes = Fakes::start().await;
+    let path = fakes.write("", true, "");
+    let text: String = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.starts_with("client_secret =") {
+                "client_secret_file = \"printer-secret\"\n".to_string()
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&path, text).unwrap();
+    let creds = fakes.dir.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(
+        creds.join("smtp-oauth-bridge_printer-secret"),
+        format!("{}\n", client_secret()),
+    )
+    .unwrap();
+    let doctor = |credentials: Option<&Path>| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_smtp-oauth-bridge"));
+        cmd.arg("--config")
+            .arg(&path)
+            .arg("doctor")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("SMTP_OAUTH_BRIDGE_CONFIG");
+        if let Some(dir) = credentials {
+            cmd.env("CREDENTIALS_DIRECTORY", dir);
+        }
+        cmd.output()
+    };
+
+    let out = doctor(Some(&creds)).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("✓ access token obtained"), "{text}");
+    assert!(!text.contains(client_secret()), "{text}");
+
+    let out = doctor(None).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("✗ configuration") && text.contains("client_secret_file"),
+        "{text}"
+    );
+}

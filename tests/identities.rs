@@ -562,3 +562,54 @@ async fn a_reload_keeps_tokens_of_unchanged_identities_and_retries_a_fixed_one()
     drop(control);
     running.await.unwrap();
 }
+
+#[tokio::test]
+async fn the_token_wait_counts_from_the_auth_password_check_included() {
+    // A costly hash (64 MiB, 8 passes) makes the password check itself take a while.
+    use argon2::PasswordHasher;
+    let argon = argon2::Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        argon2::Params::new(64 * 1024, 8, 1, None).unwrap(),
+    );
+    let started = Instant::now();
+    let costly = argon
+        .hash_password(b"scanner-password")
+        .unwrap()
+        .to_string();
+    let check = started.elapsed();
+    assert!(
+        check > Duration::from_millis(250),
+        "the check took {check:?}"
+    );
+
+    let stage = Stage::start_with(Options {
+        tokens_extra: "session_wait = 1".into(),
+        config_extra: format!(
+            "{}\n[[accounts]]\nname = \"scanner\"\nusername = \"scanner@contoso.com\"\n\
+             password_hash = \"{costly}\"\nidentity = \"contoso-app\"\n",
+            shared_identity()
+        ),
+        ..Options::default()
+    })
+    .await;
+    stage.token_endpoint.set_delay(Duration::from_secs(4));
+    let mut c = stage.client().await;
+    c.ehlo().await;
+    let asked = Instant::now();
+    let r = c
+        .auth_plain("scanner@contoso.com", "scanner-password")
+        .await;
+    let waited = asked.elapsed();
+    assert_eq!(
+        (r.code(), r.enhanced()),
+        (454, Some("4.7.0")),
+        "{}",
+        r.text()
+    );
+    // `session_wait` from the AUTH, not from the end of a password check of about `check`.
+    assert!(
+        waited < Duration::from_secs(1) + Duration::from_millis(200),
+        "answered after {waited:?} (the password check alone takes about {check:?})"
+    );
+}

@@ -166,6 +166,87 @@ async fn provider_replies_at_every_stage_are_relayed_once_and_never_retried() {
     }
 }
 
+/// A refusal before the message (a sender the provider will not take stops every message)
+/// is one warning with the provider's words and the known fix; a refused recipient is the
+/// client's business and stays below info.
+#[tokio::test]
+async fn provider_refusals_of_the_envelope_are_logged_with_their_fix() {
+    let (_guard, logs) = common::capture_logs();
+    let stage = Stage::start().await;
+    stage.office365.set_behaviour(Behaviour {
+        mail_reply: Some("530 5.7.57 Client not authenticated to send mail".into()),
+        ..Behaviour::default()
+    });
+    let mut c = stage.logged_in().await;
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{USER}>")).await.code(), 530);
+    let lines = logs.lines_with("provider refused MAIL");
+    assert_eq!(lines.len(), 1, "{}", logs.text());
+    let line = &lines[0];
+    for wanted in [
+        "WARN",
+        "account=",
+        "code=530",
+        "Client not authenticated to send mail",
+        "fix=",
+        "lost its login",
+    ] {
+        assert!(line.contains(wanted), "{wanted} missing: {line}");
+    }
+
+    stage.office365.set_behaviour(Behaviour {
+        rcpt_reply: Some("550 5.1.10 RESOLVER.ADR.RecipientNotFound".into()),
+        data_reply: Some(
+            "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException".into(),
+        ),
+        ..Behaviour::default()
+    });
+    assert_eq!(c.cmd("RSET").await.code(), 250);
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{USER}>")).await.code(), 250);
+    assert_eq!(c.cmd("RCPT TO:<nobody@contoso.com>").await.code(), 550);
+    assert!(
+        logs.lines_with("RecipientNotFound").is_empty(),
+        "{}",
+        logs.text()
+    );
+    stage.office365.behaviour().rcpt_reply = None;
+    assert_eq!(c.cmd("RCPT TO:<a@contoso.com>").await.code(), 250);
+    assert_eq!(c.cmd("DATA").await.code(), 554);
+    let lines = logs.lines_with("provider refused DATA");
+    assert_eq!(lines.len(), 1, "{}", logs.text());
+    assert!(lines[0].contains("24-hour window"), "{}", lines[0]);
+}
+
+/// A message the provider refuses (SendAs denied) is one warning with the provider's words and
+/// the fix `doctor` would print.
+#[tokio::test]
+async fn a_refused_message_is_logged_with_its_fix() {
+    let (_guard, logs) = common::capture_logs();
+    let stage = Stage::start().await;
+    stage.office365.set_behaviour(Behaviour {
+        end_of_data_reply: Some(
+            "554 5.2.252 SendAsDenied; printer@contoso.com not allowed to send as boss@contoso.com"
+                .into(),
+        ),
+        ..Behaviour::default()
+    });
+    let mut c = stage.logged_in().await;
+    let r = c
+        .send_message(
+            "boss@contoso.com",
+            &["a@contoso.com"],
+            b"Subject: x\r\n\r\nx\r\n",
+        )
+        .await;
+    assert_eq!(r.code(), 554);
+    let lines = logs.lines_with("provider refused the message");
+    assert_eq!(lines.len(), 1, "{}", logs.text());
+    assert!(
+        lines[0].contains("SendAsDenied") && lines[0].contains("Add-RecipientPermission"),
+        "{}",
+        lines[0]
+    );
+}
+
 #[tokio::test]
 async fn provider_refusals_at_auth_become_a_temporary_failure_once() {
     for reply in ["451 4.7.500 Server busy", "554 5.6.0 Something permanent"] {

@@ -376,9 +376,23 @@ fn check(raw: RawConfig) -> Result<Config, ConfigError> {
     };
     let (identities, accounts) = check_people(raw.identities, raw.accounts, sandbox.is_some())?;
     let mut server = server_side.server;
-    server.max_message_size = server_side
-        .explicit_max_size
-        .unwrap_or_else(|| provider_size_limit(&accounts));
+    server.max_message_size = match server_side.explicit_max_size {
+        // Advertising more than the provider takes would have clients upload messages the
+        // provider then refuses after the final dot.
+        Some(size) => match known_size_limit(&accounts) {
+            Some(limit) if size > limit => {
+                return Err(err(
+                    "server.max_message_size",
+                    format!(
+                        "is above the {limit} bytes the configured providers accept; leave it \
+                         out to advertise their limit"
+                    ),
+                ));
+            }
+            _ => size,
+        },
+        None => provider_size_limit(&accounts),
+    };
     Ok(Config {
         server,
         timeouts,
@@ -432,16 +446,22 @@ fn check_admin(raw: raw::RawAdmin) -> Result<AdminSettings, ConfigError> {
 }
 
 /// What every configured provider accepts, so a client learns the limit at EHLO rather than
-/// after uploading.
+/// after uploading. A generic provider's limit is unknown; Office365's is assumed.
 fn provider_size_limit(accounts: &[Account]) -> u64 {
+    known_size_limit(accounts).unwrap_or(OFFICE365_MAX_SIZE)
+}
+
+/// The smallest limit among providers whose limit is known (all but generic ones): a
+/// configured `max_message_size` may be lower, never higher.
+fn known_size_limit(accounts: &[Account]) -> Option<u64> {
     accounts
         .iter()
-        .map(|a| match a.provider {
-            Provider::Gmail => GMAIL_MAX_SIZE,
-            Provider::Office365 | Provider::Sandbox | Provider::Generic => OFFICE365_MAX_SIZE,
+        .filter_map(|a| match a.provider {
+            Provider::Gmail => Some(GMAIL_MAX_SIZE),
+            Provider::Office365 | Provider::Sandbox => Some(OFFICE365_MAX_SIZE),
+            Provider::Generic => None,
         })
         .min()
-        .unwrap_or(OFFICE365_MAX_SIZE)
 }
 
 /// Checks identities and accounts and links each account to its identity.

@@ -39,7 +39,14 @@ fn office365_defaults() {
     assert_eq!(account.upstream.port, 587);
     assert_eq!(account.upstream.tls, UpstreamTls::Starttls);
     assert_eq!(config.server.max_message_size, OFFICE365_MAX_SIZE);
-    assert_eq!(config.server.listen.len(), 2);
+    let loopback: Vec<SocketAddr> = vec![
+        "127.0.0.1:1587".parse().unwrap(),
+        "[::1]:1587".parse().unwrap(),
+    ];
+    assert_eq!(
+        config.server.listen, loopback,
+        "both loopback families by default"
+    );
     assert!(config.account_by_username("PRINTER@contoso.COM").is_some());
     // State apart from the configuration: systemd's StateDirectory= when it sets one.
     if std::env::var_os("STATE_DIRECTORY").is_none() {
@@ -444,6 +451,46 @@ fn a_sandbox_config_keeps_its_state_in_the_working_directory() {
 }
 
 #[test]
+fn max_message_size_may_be_lowered_but_never_raised_above_the_providers() {
+    let with_size = |size: u64, accounts: &str| {
+        Config::from_toml_str(&format!("[server]\nmax_message_size = {size}\n{accounts}"))
+    };
+    let config = with_size(10_485_760, &office365("")).unwrap();
+    assert_eq!(config.server.max_message_size, 10_485_760);
+    let config = with_size(OFFICE365_MAX_SIZE, &office365("")).unwrap();
+    assert_eq!(config.server.max_message_size, OFFICE365_MAX_SIZE);
+
+    let e = with_size(OFFICE365_MAX_SIZE + 1, &office365(""))
+        .err()
+        .unwrap();
+    assert_eq!(e.key, "server.max_message_size");
+    assert!(e.problem.contains("157286400"), "{e}");
+
+    // With a Gmail account beside the Office365 one, Gmail's lower limit is the ceiling.
+    let gmail = format!(
+        "[[accounts]]\nusername = \"a@gmail.com\"\npassword_hash = \"{}\"\n\
+         provider = \"gmail\"\nclient_id = \"x\"\n",
+        hash()
+    );
+    let both = format!("{}{gmail}", office365(""));
+    let e = with_size(GMAIL_MAX_SIZE + 1, &both).err().unwrap();
+    assert_eq!(e.key, "server.max_message_size");
+    assert!(with_size(GMAIL_MAX_SIZE, &both).is_ok());
+
+    // A generic provider's limit is unknown: the administrator's figure stands.
+    let generic = format!(
+        "[[accounts]]\nusername = \"a@example.org\"\npassword_hash = \"{}\"\n\
+         provider = \"generic\"\nclient_id = \"x\"\n\
+         token_url = \"https://idp.example.org/token\"\nscopes = [\"mail\"]\n\
+         upstream = \"mail.example.org:587\"\n\
+         authorize_url = \"https://idp.example.org/auth\"\n",
+        hash()
+    );
+    let config = with_size(500_000_000, &generic).unwrap();
+    assert_eq!(config.server.max_message_size, 500_000_000);
+}
+
+#[test]
 fn broken_toml_never_echoes_the_line_it_broke_on() {
     let secret = "SuperSecretValue123";
     for broken in [
@@ -466,4 +513,107 @@ fn broken_toml_never_echoes_the_line_it_broke_on() {
         .err()
         .unwrap();
     assert_eq!(e.key, "accounts[0].client_secret");
+}
+
+/// The keys a table accepts, as serde lists them when it meets one it does not know: the
+/// list follows the code, so a key added later is checked without touching this test.
+fn accepted_keys(toml: &str) -> &'static [&'static str] {
+    let error = Figment::new()
+        .merge(Toml::string(toml))
+        .extract::<raw::RawConfig>()
+        .err()
+        .unwrap_or_else(|| panic!("{toml}: an unknown key was accepted"));
+    match error.kind {
+        figment::error::Kind::UnknownField(_, expected) => expected,
+        other => panic!("{toml}: {other}"),
+    }
+}
+
+/// Whether the shipped file explains `key`: as `key = value` (commented out or not), or at
+/// the head of a line of the key lists, `#   key   what it does` (three spaces after `#`;
+/// continuation lines are indented further), where several keys may share a line, separated
+/// by commas.
+fn documented(shipped: &str, key: &str) -> bool {
+    shipped.lines().any(|line| {
+        let text = line.trim_start_matches(['#', ' ']);
+        let assigned = text.match_indices(key).any(|(at, _)| {
+            let starts_word = text[..at]
+                .chars()
+                .next_back()
+                .is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
+            starts_word && text[at + key.len()..].trim_start().starts_with('=')
+        });
+        let described = line
+            .strip_prefix("#   ")
+            .filter(|rest| !rest.starts_with(' '))
+            .is_some_and(|rest| {
+                let mut heads = Vec::new();
+                for word in rest.split_whitespace() {
+                    match word.strip_suffix(',') {
+                        Some(listed) => heads.push(listed),
+                        None => {
+                            heads.push(word);
+                            break;
+                        }
+                    }
+                }
+                heads.contains(&key)
+            });
+        assigned || described
+    })
+}
+
+/// proxy.toml promises (and the unknown-key error says) that every key is documented there.
+#[test]
+fn every_key_is_documented_in_the_shipped_proxy_toml() {
+    let shipped = include_str!("../../proxy.toml");
+    let mut missing = Vec::new();
+    for table in accepted_keys("zz_not_a_key = 1\n") {
+        if !shipped.contains(&format!("[{table}]")) {
+            missing.push(format!("[{table}]"));
+        }
+        let header = if matches!(*table, "accounts" | "identities") {
+            format!("[[{table}]]")
+        } else {
+            format!("[{table}]")
+        };
+        for key in accepted_keys(&format!("{header}\nzz_not_a_key = 1\n")) {
+            if !documented(shipped, key) {
+                missing.push(format!("{table}.{key}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not documented in proxy.toml: {missing:?}"
+    );
+    // The check itself can fail.
+    assert!(!documented(shipped, "zz_not_a_key"));
+    assert!(accepted_keys("[server]\nzz_not_a_key = 1\n").contains(&"listen"));
+}
+
+#[test]
+fn the_admin_listener_stays_on_loopback() {
+    let with = |admin: &str| Config::from_toml_str(&format!("[admin]\n{admin}\n{}", office365("")));
+    let config = with("listen = \"127.0.0.1:9725\"").unwrap();
+    let admin = config.admin.unwrap();
+    assert_eq!(admin.listen, "127.0.0.1:9725".parse().unwrap());
+    assert_eq!(admin.upstream_failures_unhealthy, 3);
+    assert!(with("listen = \"[::1]:9725\"").is_ok());
+    // Metrics name every account: never on an address others can reach.
+    for outside in ["0.0.0.0:9725", "[::]:9725", "192.0.2.10:9725"] {
+        let e = with(&format!("listen = \"{outside}\"")).err().unwrap();
+        assert_eq!(e.key, "admin.listen", "{outside}");
+    }
+    assert_eq!(with("").err().unwrap().key, "admin.listen");
+    let e = with("listen = \"127.0.0.1:9725\"\nupstream_failures_unhealthy = 0")
+        .err()
+        .unwrap();
+    assert_eq!(e.key, "admin.upstream_failures_unhealthy");
+    assert!(
+        Config::from_toml_str(&office365(""))
+            .unwrap()
+            .admin
+            .is_none()
+    );
 }

@@ -212,7 +212,18 @@ impl TokenManager {
     /// A valid access token for `identity`: the cached one when it has life left, otherwise
     /// the result of the request in flight, waited for at most `session_wait`.
     pub async fn token(&self, identity: &str) -> Result<AccessToken, TokenError> {
-        self.get(identity, None).await
+        self.token_by(identity, Instant::now() + self.inner.settings.session_wait)
+            .await
+    }
+
+    /// Like [`token`](Self::token), but waits only until `deadline`: a client's AUTH has
+    /// already spent part of its `session_wait` on the password check.
+    pub async fn token_by(
+        &self,
+        identity: &str,
+        deadline: Instant,
+    ) -> Result<AccessToken, TokenError> {
+        self.get(identity, None, deadline).await
     }
 
     /// The upstream refused `refused`: drop it and get a new one (one request, however many
@@ -222,7 +233,8 @@ impl TokenManager {
         identity: &str,
         refused: &AccessToken,
     ) -> Result<AccessToken, TokenError> {
-        self.get(identity, Some(refused)).await
+        let deadline = Instant::now() + self.inner.settings.session_wait;
+        self.get(identity, Some(refused), deadline).await
     }
 
     /// How many token requests were made for `identity` (all outcomes).
@@ -257,9 +269,9 @@ impl TokenManager {
         &self,
         name: &str,
         refused: Option<&AccessToken>,
+        deadline: Instant,
     ) -> Result<AccessToken, TokenError> {
         let slot = self.slot(name)?;
-        let deadline = Instant::now() + self.inner.settings.session_wait;
         loop {
             let mut done = slot.done.subscribe();
             let gate = {

@@ -13,12 +13,18 @@ pub fn ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
-/// Tells systemd a configuration reload has begun; `ready` ends it.
+/// Tells systemd a configuration reload has begun; `ready` ends it. The monotonic time goes
+/// with it, as systemd (v253 and later) wants, so it can tell this reload from an earlier one.
 pub fn reloading() {
-    notify(&[
+    let mut states = vec![
         NotifyState::Reloading,
         NotifyState::Status("reloading the configuration"),
-    ]);
+    ];
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => states.push(now),
+        Err(e) => tracing::debug!(error = %e, "cannot read the monotonic clock"),
+    }
+    notify(&states);
 }
 
 /// Tells systemd the bridge is draining and will exit.

@@ -11,7 +11,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -220,6 +220,7 @@ impl Office365 {
             commands: Mutex::new(VecDeque::new()),
             pipelined: Mutex::new(Vec::new()),
             sessions: AtomicUsize::new(0),
+            data_octets: AtomicU64::new(0),
             senders: Mutex::new(HashMap::new()),
         });
 
@@ -271,6 +272,12 @@ impl Office365 {
         self.shared.sessions.load(Ordering::SeqCst)
     }
 
+    /// Octets of DATA read so far, over all sessions, as they arrive: a message still being
+    /// sent counts too, so a test can see whether a client streams or holds the message back.
+    pub fn data_octets_received(&self) -> u64 {
+        self.shared.data_octets.load(Ordering::SeqCst)
+    }
+
     /// The live behaviour switches. Do not hold the guard across an `.await`.
     pub fn behaviour(&self) -> MutexGuard<'_, Behaviour> {
         lock(&self.shared.behaviour)
@@ -314,6 +321,8 @@ pub(crate) struct Shared {
     commands: Mutex<VecDeque<String>>,
     pipelined: Mutex<Vec<String>>,
     sessions: AtomicUsize,
+    /// Octets read while receiving DATA, counted as they arrive, finished message or not.
+    pub(crate) data_octets: AtomicU64,
     /// Authenticated sessions per mailbox (lower-cased), for the concurrency limit.
     senders: Mutex<HashMap<String, usize>>,
 }

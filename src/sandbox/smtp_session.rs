@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -599,7 +600,14 @@ impl Session {
         }
 
         let max_size = self.shared.config.max_size;
-        match read_dot_data(wire, max_size, behaviour.drop_during_data).await? {
+        match read_dot_data(
+            wire,
+            max_size,
+            behaviour.drop_during_data,
+            &self.shared.data_octets,
+        )
+        .await?
+        {
             DotData::Message(data) => self.finish_message(wire, data).await,
             DotData::TooBig { resynced } => {
                 self.tx = None;
@@ -804,6 +812,7 @@ async fn read_dot_data<S: AsyncRead + AsyncWrite + Unpin>(
     wire: &mut Wire<S>,
     max_size: u64,
     drop_during_data: bool,
+    received: &AtomicU64,
 ) -> Result<DotData, WireError> {
     let scan_limit = max_size.saturating_mul(2).max(1 << 20);
     // A CRLF in front lets a terminator at the very start (an empty message) match too.
@@ -841,7 +850,9 @@ async fn read_dot_data<S: AsyncRead + AsyncWrite + Unpin>(
         search_from = raw.len().saturating_sub(END_OF_DATA.len() - 1);
         let before = raw.len();
         wire.read_into(&mut raw).await?;
-        scanned += (raw.len() - before) as u64;
+        let read = (raw.len() - before) as u64;
+        scanned += read;
+        received.fetch_add(read, Ordering::SeqCst);
     }
 }
 

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use tokio::time::Instant;
+
 use super::client::{End, Input};
 use super::{AUTH_LINE_LIMIT, Session};
 use crate::config::Account;
@@ -95,6 +97,9 @@ impl Session {
     }
 
     async fn check_credentials(&mut self, credentials: Credentials) -> Result<(), End> {
+        // A client waits at most `session_wait` for a token, counted from here: the password
+        // check and any wait for this address's turn come out of it.
+        let token_deadline = Instant::now() + self.shared.config.tokens.session_wait;
         let Credentials { username, password } = credentials;
         let config = &self.shared.config;
         let found = config.find_account(&username);
@@ -152,7 +157,7 @@ impl Session {
         tracing::Span::current().record("account", account_name.as_str());
         tracing::debug!("local authentication succeeded");
 
-        match self.check_upstream(index).await {
+        match self.check_upstream(index, token_deadline).await {
             Ok(()) => {
                 self.account = Some(index);
                 self.shared.metrics.auth_succeeded();
@@ -168,7 +173,7 @@ impl Session {
     /// first MAIL), so token and provider problems are reported at AUTH as before. A provider
     /// that says it has too many sessions for the mailbox has accepted the token; the
     /// client's MAIL will wait for a session.
-    async fn check_upstream(&mut self, index: usize) -> Result<(), Reply> {
+    async fn check_upstream(&mut self, index: usize, token_deadline: Instant) -> Result<(), Reply> {
         let shared = self.shared.clone();
         let account = &shared.config.accounts[index];
         let mailbox = self.mailbox_of(account);
@@ -177,7 +182,9 @@ impl Session {
             return Ok(());
         }
         match pool
-            .acquire(async || Box::pin(open_session(&shared, account, &mailbox)).await)
+            .acquire(async || {
+                Box::pin(open_session(&shared, account, &mailbox, token_deadline)).await
+            })
             .await
         {
             Ok(lease) => {
@@ -198,7 +205,10 @@ impl Session {
         let pool = shared.pool.account(account, &mailbox);
         pool.set_opener_if_missing(|| opener(&shared, index, &mailbox));
         match pool
-            .acquire(async || Box::pin(open_session(&shared, account, &mailbox)).await)
+            .acquire(async || {
+                let deadline = Instant::now() + shared.config.tokens.session_wait;
+                Box::pin(open_session(&shared, account, &mailbox, deadline)).await
+            })
             .await
         {
             Ok(lease) => Ok(lease),
@@ -239,7 +249,10 @@ fn opener(shared: &Arc<Shared>, index: usize, mailbox: &str) -> Opener {
         Box::pin(async move {
             let shared = shared.upgrade()?;
             let account = shared.config.accounts.get(index)?;
-            open_session(&shared, account, &mailbox).await.ok()
+            let deadline = Instant::now() + shared.config.tokens.session_wait;
+            open_session(&shared, account, &mailbox, deadline)
+                .await
+                .ok()
         })
     })
 }
@@ -253,15 +266,21 @@ enum OpenFailure {
     ProviderBusy,
 }
 
-/// Gets a token and opens an authenticated provider session. A token the provider refuses is
-/// replaced once by a fresh one. Callers box this future: it is large (TLS handshake, token
+/// Gets a token (waiting for one until `token_deadline` at most) and opens an authenticated
+/// provider session. A token the provider refuses is replaced once by a fresh one, with a
+/// wait of its own: the provider's refusal may have come after most of the first wait. Callers box this future: it is large (TLS handshake, token
 /// request) and rarely needed, and every session's task would otherwise reserve room for it.
 async fn open_session(
     shared: &Shared,
     account: &Account,
     mailbox: &str,
+    token_deadline: Instant,
 ) -> Result<Upstream, OpenFailure> {
-    let mut token = match shared.tokens.token(&account.identity).await {
+    let mut token = match shared
+        .tokens
+        .token_by(&account.identity, token_deadline)
+        .await
+    {
         Ok(token) => token,
         Err(e) => return Err(OpenFailure::Refused(token_error_reply(shared, &e))),
     };

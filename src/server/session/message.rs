@@ -40,10 +40,10 @@ impl Session {
             }
         };
         if reply.code() != 354 {
-            self.relay(reply);
+            self.relay(Phase::DataStart, reply);
             return Ok(());
         }
-        self.relay(reply);
+        self.relay(Phase::DataStart, reply);
         self.client.flush().await?;
         self.stream_message(DataFramer::new(), Vec::new(), false)
             .await
@@ -82,16 +82,19 @@ impl Session {
         }
         match self.upstream_exchange(Phase::DataStart, b"DATA\r\n").await {
             Ok(reply) if reply.code() == 354 => self.stream_message(framer, held, ended).await,
-            Ok(reply) | Err(reply) => {
+            refused => {
                 // The client is already sending; its message is read to the end and the
-                // provider's refusal becomes the verdict.
+                // provider's refusal (or our 451 for a lost connection) becomes the verdict.
                 self.discard_rest(&mut framer, ended).await?;
                 self.transaction = None;
-                // A provider that refused DATA still holds MAIL and RCPT; the client was told
+                // A provider that refused DATA still holds MAIL and RCPT; the client is told
                 // the transaction is over, so it is reset there too before the session goes
                 // back to the pool.
                 self.rset_upstream().await;
-                self.relay(reply);
+                match refused {
+                    Ok(reply) => self.relay(Phase::DataStart, reply),
+                    Err(own) => own.write_to(self.client.queue()),
+                }
                 Ok(())
             }
         }
@@ -277,7 +280,7 @@ impl Session {
                     lease.count_message();
                     lease.release();
                 }
-                self.relay(reply);
+                self.relay(Phase::DataEnd, reply);
             }
             Err(e) => {
                 // No verdict arrived: the provider may or may not have the message. Only a

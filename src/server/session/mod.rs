@@ -22,6 +22,7 @@ use smtp_proto::Request;
 use crate::io::Stream;
 use crate::server::Shared;
 use crate::smtp::{MAX_WIRE_REPLY_LINE, Reply};
+use crate::upstream::Phase;
 use crate::upstream::pool::Lease;
 
 pub use client::End;
@@ -333,12 +334,16 @@ impl Session {
         }
     }
 
-    /// Queues the provider's reply for the client as received, with over-long lines wrapped
-    /// so the client gets a valid SMTP reply. The provider's 421 closes its connection, and
-    /// since a 421 tells the client the channel is closing, the client's connection closes
-    /// too; its next connection gets a fresh upstream.
-    fn relay(&mut self, reply: Reply) {
+    /// Queues the provider's reply to `phase` for the client as received, with over-long
+    /// lines wrapped so the client gets a valid SMTP reply. The provider's 421 closes its
+    /// connection, and since a 421 tells the client the channel is closing, the client's
+    /// connection closes too; its next connection gets a fresh upstream.
+    fn relay(&mut self, phase: Phase, reply: Reply) {
         self.shared.metrics.upstream_reply(&reply);
+        // The verdict after the message has its own line (`finish_message`).
+        if phase != Phase::DataEnd {
+            log_refusal(phase, &reply);
+        }
         if reply.code() == 421 {
             self.upstream = None;
             self.transaction = None;
@@ -371,5 +376,24 @@ impl Session {
             return Err(End::Done);
         }
         Ok(())
+    }
+}
+
+/// One line for a provider's refusal of MAIL, RCPT or DATA, with its text and, for known
+/// failures, the fix: a sender the mailbox may not use or a throttled mailbox stops every
+/// message, and the client's own log rarely reaches the administrator. A recipient address
+/// the provider does not take (X.1.X, RFC 3463) is the client's mistake: debug.
+fn log_refusal(phase: Phase, reply: &Reply) {
+    if reply.code() < 400 {
+        return;
+    }
+    let address = phase == Phase::Rcpt
+        && reply
+            .enhanced()
+            .is_some_and(|e| e.split('.').nth(1) == Some("1"));
+    if address {
+        tracing::debug!(command = %phase, code = reply.code(), reply = %reply.text(), "provider refused the recipient");
+    } else {
+        tracing::warn!(command = %phase, code = reply.code(), reply = %reply.text(), fix = crate::hints::fix_for_reply(reply), "provider refused {phase}");
     }
 }

@@ -85,11 +85,11 @@ impl Session {
                 {
                     tx.accepted_recipients += 1;
                 }
-                self.relay(reply);
+                self.relay(Phase::Rcpt, reply);
                 continue;
             }
             let go = reply.code() == 354;
-            self.relay(reply);
+            self.relay(Phase::DataStart, reply);
             if go {
                 self.client.flush().await?;
                 self.stream_message(DataFramer::new(), Vec::new(), false)

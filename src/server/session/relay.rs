@@ -82,7 +82,7 @@ impl Session {
                 accepted_recipients: 0,
             });
         }
-        self.relay(reply);
+        self.relay(Phase::Mail, reply);
         if batch {
             self.pipelined_replies(&ahead).await?;
         }
@@ -170,7 +170,7 @@ impl Session {
         {
             tx.accepted_recipients += 1;
         }
-        self.relay(reply);
+        self.relay(Phase::Rcpt, reply);
         Ok(())
     }
 
