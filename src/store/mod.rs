@@ -2,13 +2,14 @@
 //! plus a status file without secrets for `smtp-oauth-bridge accounts`.
 //!
 //! Each identity's [`TokenRecord`] (refresh token, the authority that issued it, the cached
-//! access token and their times) lives in its own file, sealed with ChaCha20-Poly1305 (RFC 8439,
-//! RustCrypto's `chacha20poly1305`, which wipes its key when dropped) under a 32-byte key, with the identity name as associated
-//! data so a file cannot be passed off as another identity's. The key comes from a systemd
-//! credential (`$CREDENTIALS_DIRECTORY/store-key`) or from `store.key` in the directory,
-//! created with mode 0600 on first use. A write goes to a temporary file that is synced and
-//! renamed over the old one, then the directory is synced, so a crash leaves either the old
-//! record or the new one, never a torn file and never nothing.
+//! access token and their times) lives in its own file, sealed with ChaCha20-Poly1305 (RFC
+//! 8439, RustCrypto's `chacha20poly1305`, which wipes its key when dropped) under a 32-byte
+//! key, with the identity name as associated data so a file cannot be passed off as another
+//! identity's. The key comes from a systemd credential (`$CREDENTIALS_DIRECTORY/store-key`)
+//! or from `store.key` in the directory, created with mode 0600 on first use. A write goes to
+//! a temporary file that is synced and renamed over the old one, then the directory is
+//! synced, so a crash leaves either the old record or the new one, never a torn file and
+//! never nothing.
 
 mod record;
 

@@ -268,8 +268,9 @@ enum OpenFailure {
 
 /// Gets a token (waiting for one until `token_deadline` at most) and opens an authenticated
 /// provider session. A token the provider refuses is replaced once by a fresh one, with a
-/// wait of its own: the provider's refusal may have come after most of the first wait. Callers box this future: it is large (TLS handshake, token
-/// request) and rarely needed, and every session's task would otherwise reserve room for it.
+/// wait of its own: the provider's refusal may have come after most of the first wait.
+/// Callers box this future: it is large (TLS handshake, token request) and rarely needed, and
+/// every session's task would otherwise reserve room for it.
 async fn open_session(
     shared: &Shared,
     account: &Account,
