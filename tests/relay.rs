@@ -450,3 +450,30 @@ async fn the_bridge_refuses_oversized_messages_itself_at_mail_and_after_the_data
     assert_eq!(r.code(), 250, "the session goes on: {}", r.text());
     assert_eq!(stage.office365.messages().len(), 1);
 }
+
+/// A provider refusing every recipient of a long list ("too many recipients", a throttled
+/// mailbox) is worth one warning per message, not one per recipient.
+#[tokio::test]
+async fn recipients_refused_by_the_provider_give_one_warning_per_message() {
+    let (_guard, logs) = common::capture_logs();
+    let stage = Stage::start().await;
+    stage.office365.set_behaviour(Behaviour {
+        rcpt_reply: Some("452 4.5.3 Too many recipients".into()),
+        ..Behaviour::default()
+    });
+    let mut c = stage.logged_in().await;
+    for round in 0..2 {
+        assert_eq!(c.cmd(&format!("MAIL FROM:<{USER}>")).await.code(), 250);
+        for i in 0..20 {
+            let r = c.cmd(&format!("RCPT TO:<r{i}@contoso.com>")).await;
+            assert_eq!((r.code(), r.enhanced()), (452, Some("4.5.3")), "{round}");
+        }
+        assert_eq!(c.cmd("RSET").await.code(), 250);
+    }
+    let text = logs.text();
+    let warnings = text
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("4.5.3"))
+        .count();
+    assert_eq!(warnings, 2, "one per transaction:\n{text}");
+}

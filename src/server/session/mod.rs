@@ -60,6 +60,9 @@ pub struct Session {
 
 struct Transaction {
     accepted_recipients: usize,
+    /// A provider refusal of RCPT was logged: one warning per message is enough, however
+    /// many recipients a "too many recipients" refuses.
+    rcpt_refusal_logged: bool,
 }
 
 impl Session {
@@ -341,8 +344,14 @@ impl Session {
     fn relay(&mut self, phase: Phase, reply: Reply) {
         self.shared.metrics.upstream_reply(&reply);
         // The verdict after the message has its own line (`finish_message`).
+        let repeated = phase == Phase::Rcpt
+            && reply.code() >= 400
+            && self
+                .transaction
+                .as_mut()
+                .is_some_and(|tx| std::mem::replace(&mut tx.rcpt_refusal_logged, true));
         if phase != Phase::DataEnd {
-            log_refusal(phase, &reply);
+            log_refusal(phase, &reply, repeated);
         }
         if reply.code() == 421 {
             self.upstream = None;
@@ -382,8 +391,9 @@ impl Session {
 /// One line for a provider's refusal of MAIL, RCPT or DATA, with its text and, for known
 /// failures, the fix: a sender the mailbox may not use or a throttled mailbox stops every
 /// message, and the client's own log rarely reaches the administrator. A recipient address
-/// the provider does not take (X.1.X, RFC 3463) is the client's mistake: debug.
-fn log_refusal(phase: Phase, reply: &Reply) {
+/// the provider does not take (X.1.X, RFC 3463) is the client's mistake, and a further
+/// recipient refused in the same transaction (`repeated`) adds nothing: debug.
+fn log_refusal(phase: Phase, reply: &Reply, repeated: bool) {
     if reply.code() < 400 {
         return;
     }
@@ -391,9 +401,11 @@ fn log_refusal(phase: Phase, reply: &Reply) {
         && reply
             .enhanced()
             .is_some_and(|e| e.split('.').nth(1) == Some("1"));
-    if address {
-        tracing::debug!(command = %phase, code = reply.code(), reply = %reply.text(), "provider refused the recipient");
+    let (code, text) = (reply.code(), reply.text());
+    if address || repeated {
+        tracing::debug!(command = %phase, code, reply = %text, "provider refused the recipient");
     } else {
-        tracing::warn!(command = %phase, code = reply.code(), reply = %reply.text(), fix = crate::hints::fix_for_reply(reply), "provider refused {phase}");
+        let fix = crate::hints::fix_for_reply(reply);
+        tracing::warn!(command = %phase, code, reply = %text, fix, "provider refused {phase}");
     }
 }

@@ -80,6 +80,7 @@ impl Session {
         } else if reply.is_positive_completion() {
             self.transaction = Some(Transaction {
                 accepted_recipients: 0,
+                rcpt_refusal_logged: false,
             });
         }
         self.relay(Phase::Mail, reply);
