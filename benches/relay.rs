@@ -10,12 +10,18 @@
 //! Run: `cargo bench --bench relay -- --clients 50 --messages 2000 --size 4096`
 //! Options: --clients N, --messages M (total), --size BYTES, --per-connection K (messages on one
 //! client connection, default 1), --rtt-ms R (emulated round trip to the provider), --pipelining
-//! (client pipelines AUTH+MAIL+RCPT+DATA), --mode both|bridge|direct, --warmup W (messages sent
+//! (client pipelines AUTH+MAIL+RCPT+DATA), --mode both|bridge|direct|all, --warmup W (messages sent
 //! through each path before measuring, e.g. to fill the bridge's session pool), --max-sessions S
 //! (the bridge's `pool.max_sessions`), --idle N (open N authenticated idle sessions and report
 //! RSS instead of sending), --pin (this process on CPU 0, the bridge on the others, with
 //! `taskset`: the load generator and the fake provider then cannot take the bridge's CPU, as
 //! they would not in production).
+//!
+//! `--mode all` adds a third path between the two: the direct clients' TCP connections pass
+//! through a forwarder that does nothing but copy bytes (`tokio::io::copy_bidirectional`),
+//! running as its own process like the bridge. It is the ceiling for any relay that sits in
+//! its own process between sender and provider on the same machine: what a long client session
+//! through the bridge cannot beat however little the bridge does per message.
 //!
 //! The bridge runs with `[limits] max_connections` and `max_connections_per_source` raised to
 //! 20,000, because all load comes from 127.0.0.1 (the defaults, 100 and 20, would refuse it),
@@ -96,6 +102,9 @@ fn parse_args() -> Args {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some(FORWARDER_ROLE) {
+        return forwarder_main();
+    }
     let args = parse_args();
     // Every client connection is a file descriptor here and in the bridge (which inherits it).
     let nofile = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
@@ -138,7 +147,9 @@ struct Stage {
     office365: Office365,
     /// Where SMTP to the provider goes: the fake Office365 itself, or the delay relay.
     provider: SocketAddr,
-    bridge: Option<BridgeProcess>,
+    bridge: Option<ChildProcess>,
+    /// The byte-copying forwarder in front of the provider (`--mode all`).
+    forwarder: Option<ChildProcess>,
 }
 
 async fn run(args: Args) {
@@ -165,35 +176,51 @@ async fn run(args: Args) {
         idle_sessions(&args, bridge).await;
         return;
     }
-    if args.mode == "both" || args.mode == "direct" {
+    let all = args.mode == "all";
+    if all || args.mode == "both" || args.mode == "direct" {
         let token = fetch_token(&stage);
         let direct = Target::Direct {
             stage: &stage,
+            addr: stage.provider,
             token: &token,
         };
         warm_up(&args, &direct).await;
         let report = load(&args, direct).await;
         report.print("direct", &args, None);
     }
-    if args.mode == "both" || args.mode == "bridge" {
+    if let Some(forwarder) = &stage.forwarder {
+        let token = fetch_token(&stage);
+        let forwarded = Target::Direct {
+            stage: &stage,
+            addr: forwarder.addr,
+            token: &token,
+        };
+        warm_up(&args, &forwarded).await;
+        let report = measured(&args, forwarded, forwarder).await;
+        report.0.print("forwarder", &args, Some(report.1));
+    }
+    if all || args.mode == "both" || args.mode == "bridge" {
         warm_up(&args, &Target::Bridge(bridge.addr)).await;
-        let before = bridge.cpu_seconds();
-        let rss_before = bridge.rss_kib();
-        bridge.reset_peak_rss();
-        let report = load(&args, Target::Bridge(bridge.addr)).await;
-        let cpu = bridge.cpu_seconds() - before;
-        report.print(
-            "bridge",
-            &args,
-            Some(Process {
-                cpu,
-                rss_before_kib: rss_before,
-                peak_rss_kib: bridge.peak_rss_kib(),
-            }),
-        );
+        let report = measured(&args, Target::Bridge(bridge.addr), bridge).await;
+        report.0.print("bridge", &args, Some(report.1));
     }
     let stored = stage.office365.messages().len();
     println!("# fake Office365 kept {stored} messages in memory (bounded)");
+}
+
+/// One measured load through a relay process, with what /proc says of that process.
+async fn measured(args: &Args, target: Target<'_>, process: &ChildProcess) -> (Report, Process) {
+    let before = process.cpu_seconds();
+    let rss_before = process.rss_kib();
+    process.reset_peak_rss();
+    let report = load(args, target).await;
+    let cpu = process.cpu_seconds() - before;
+    let usage = Process {
+        cpu,
+        rss_before_kib: rss_before,
+        peak_rss_kib: process.peak_rss_kib(),
+    };
+    (report, usage)
 }
 
 async fn start_stage(args: &Args) -> Stage {
@@ -222,7 +249,7 @@ async fn start_stage(args: &Args) -> Stage {
     } else {
         delay_relay(office365.addr(), args.rtt / 2).await
     };
-    let bridge = BridgeProcess::start(
+    let bridge = ChildProcess::bridge(
         dir.path(),
         &ca_file,
         &token_endpoint.token_url(TENANT),
@@ -232,6 +259,7 @@ async fn start_stage(args: &Args) -> Stage {
         args.pin,
     )
     .await;
+    let forwarder = (args.mode == "all").then(|| ChildProcess::forwarder(provider, args.pin));
     Stage {
         _dir: dir,
         ca,
@@ -240,17 +268,20 @@ async fn start_stage(args: &Args) -> Stage {
         office365,
         provider,
         bridge: Some(bridge),
+        forwarder,
     }
 }
 
-/// The bridge binary as its own process, so /proc accounts for it alone.
-struct BridgeProcess {
+/// A relay (the bridge binary, or the byte-copying forwarder) as its own process, so /proc
+/// accounts for it alone.
+struct ChildProcess {
     child: std::process::Child,
     addr: SocketAddr,
 }
 
-impl BridgeProcess {
-    async fn start(
+impl ChildProcess {
+    /// The bridge binary with a configuration for this run.
+    async fn bridge(
         dir: &Path,
         ca_file: &Path,
         token_url: &str,
@@ -258,7 +289,7 @@ impl BridgeProcess {
         provider: SocketAddr,
         max_sessions: Option<usize>,
         pin: bool,
-    ) -> BridgeProcess {
+    ) -> ChildProcess {
         let hash = smtp_oauth_bridge::users::hash_password(PASSWORD).unwrap();
         let config = dir.join("proxy.toml");
         let pool = max_sessions.map_or(String::new(), |n| format!("[pool]\nmax_sessions = {n}\n"));
@@ -277,14 +308,7 @@ impl BridgeProcess {
         )
         .unwrap();
         let binary = env!("CARGO_BIN_EXE_smtp-oauth-bridge");
-        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let mut command = if pin && cpus > 1 {
-            let mut c = std::process::Command::new("taskset");
-            c.args(["-c", &format!("1-{}", cpus - 1), binary]);
-            c
-        } else {
-            std::process::Command::new(binary)
-        };
+        let mut command = relay_command(Path::new(binary), pin);
         let mut child = command
             .arg("--config")
             .arg(&config)
@@ -321,10 +345,31 @@ impl BridgeProcess {
             .expect("bridge did not start")
             .parse()
             .unwrap();
-        BridgeProcess { child, addr }
+        ChildProcess { child, addr }
     }
 
-    /// utime + stime of the bridge process, in seconds.
+    /// This benchmark binary again, as a forwarder to `target`; it prints the address it
+    /// listens on as its first line.
+    fn forwarder(target: SocketAddr, pin: bool) -> ChildProcess {
+        use std::io::BufRead;
+        let exe = std::env::current_exe().expect("the benchmark's own path");
+        let mut command = relay_command(&exe, pin);
+        let mut child = command
+            .arg(FORWARDER_ROLE)
+            .arg(target.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the forwarder");
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .expect("the forwarder's address");
+        let addr = first.trim().parse().expect("the forwarder's address");
+        ChildProcess { child, addr }
+    }
+
+    /// utime + stime of the process, in seconds.
     fn cpu_seconds(&self) -> f64 {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
         // Fields after the command name, which is in parentheses and may contain spaces.
@@ -349,11 +394,54 @@ impl BridgeProcess {
     }
 }
 
-impl Drop for BridgeProcess {
+impl Drop for ChildProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A command for a relay process; with `pin`, kept off CPU 0, where this process runs.
+fn relay_command(binary: &Path, pin: bool) -> std::process::Command {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    if pin && cpus > 1 {
+        let mut c = std::process::Command::new("taskset");
+        c.arg("-c").arg(format!("1-{}", cpus - 1)).arg(binary);
+        c
+    } else {
+        std::process::Command::new(binary)
+    }
+}
+
+/// The first argument that makes this binary the forwarder of `--mode all`.
+const FORWARDER_ROLE: &str = "--serve-as-forwarder";
+
+/// Accepts on a loopback port (printed on stdout) and copies bytes both ways between each
+/// connection and the address given after the role argument, on a runtime built like the
+/// bridge's (a worker per CPU). Runs until killed.
+fn forwarder_main() {
+    let target: SocketAddr = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .expect("forwarder target address");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap());
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut outbound) = TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = inbound.set_nodelay(true);
+                let _ = outbound.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
 }
 
 fn status_field(pid: u32, name: &str) -> u64 {
@@ -369,7 +457,12 @@ fn status_field(pid: u32, name: &str) -> u64 {
 #[derive(Clone)]
 enum Target<'a> {
     Bridge(SocketAddr),
-    Direct { stage: &'a Stage, token: &'a str },
+    /// XOAUTH2 to the provider at `addr`: the provider itself, or the forwarder before it.
+    Direct {
+        stage: &'a Stage,
+        addr: SocketAddr,
+        token: &'a str,
+    },
 }
 
 struct Report {
@@ -400,7 +493,7 @@ impl Report {
         };
         let rate = self.messages as f64 / self.elapsed.as_secs_f64();
         print!(
-            "{name:>6}: {} msgs, {} errors, {:.2} s, {rate:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms",
+            "{name:>9}: {} msgs, {} errors, {:.2} s, {rate:.0} msg/s, p50 {:.2} ms, p99 {:.2} ms",
             self.messages,
             self.errors,
             self.elapsed.as_secs_f64(),
@@ -414,7 +507,7 @@ impl Report {
         if let Some(p) = process {
             let per_1000 = p.cpu / self.messages.max(1) as f64 * 1000.0;
             print!(
-                ", bridge CPU {:.2} s ({per_1000:.3} s per 1000 msgs), RSS {:.1} MiB before, \
+                ", {name} CPU {:.2} s ({per_1000:.3} s per 1000 msgs), RSS {:.1} MiB before, \
                  peak during the run {:.1} MiB",
                 p.cpu,
                 p.rss_before_kib as f64 / 1024.0,
@@ -451,8 +544,8 @@ async fn load(args: &Args, target: Target<'_>) -> Report {
     let started = Instant::now();
     let mut tasks = Vec::new();
     let direct = match &target {
-        Target::Direct { stage, token } => {
-            Some((stage.provider, connector(&stage.ca), xoauth2(USER, token)))
+        Target::Direct { stage, addr, token } => {
+            Some((*addr, connector(&stage.ca), xoauth2(USER, token)))
         }
         Target::Bridge(_) => None,
     };
@@ -744,7 +837,7 @@ impl Conn {
 
 /// Opens `args.idle` authenticated sessions (100 logging in at a time) that stay open, reports
 /// the bridge's RSS, then sends one message on a few of them to show they still work.
-async fn idle_sessions(args: &Args, bridge: &BridgeProcess) {
+async fn idle_sessions(args: &Args, bridge: &ChildProcess) {
     let before = bridge.rss_kib();
     let started = Instant::now();
     let mut conns = Vec::with_capacity(args.idle);
