@@ -17,6 +17,15 @@ use zeroize::Zeroizing;
 /// Answers larger than this are refused unread: token answers are a few kilobytes.
 const MAX_ANSWER: usize = 256 * 1024;
 
+/// The longest an access token is kept, whatever `expires_in` says. Real ones live an hour
+/// (a day at most, where a tenant configured it); a lifetime beyond the clock's range would
+/// make every deadline computed from it overflow.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// The longest a device code is waited for (Entra gives 15 minutes, Google 30).
+const MAX_DEVICE_CODE_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// The longest first wait between two polls of a device code; `slow_down` may add to it.
+const MAX_POLL_INTERVAL: Duration = Duration::from_secs(60);
+
 /// The HTTP client for every OAuth endpoint, with the TLS trust of the SMTP side.
 #[derive(Clone)]
 pub struct Http {
@@ -55,6 +64,7 @@ pub enum EndpointError {
 /// A successful token answer.
 pub struct TokenAnswer {
     pub access_token: SecretString,
+    /// As the server said, but at most [`MAX_TOKEN_LIFETIME`].
     pub expires_in: Option<Duration>,
     pub refresh_token: Option<SecretString>,
 }
@@ -66,7 +76,9 @@ pub struct DeviceAuthorization {
     pub device_code: String,
     pub user_code: String,
     pub verification_uri: String,
+    /// As the server said, but at most a day.
     pub expires_in: Duration,
+    /// As the server said, but at most a minute.
     pub interval: Duration,
     /// Entra's ready-made sentence for the user, when present.
     pub message: Option<String>,
@@ -202,7 +214,11 @@ fn parse_token(answer: &Answer) -> Result<TokenAnswer, EndpointError> {
     let access_token = raw.access_token.ok_or_else(|| unreadable(answer))?;
     Ok(TokenAnswer {
         access_token,
-        expires_in: raw.expires_in.as_ref().and_then(seconds_of),
+        expires_in: raw
+            .expires_in
+            .as_ref()
+            .and_then(seconds_of)
+            .map(|d| d.min(MAX_TOKEN_LIFETIME)),
         refresh_token: raw.refresh_token,
     })
 }
@@ -216,14 +232,17 @@ fn parse_device(answer: &Answer) -> Result<DeviceAuthorization, EndpointError> {
         device_code: raw.device_code,
         user_code: raw.user_code,
         verification_uri: raw.verification_uri,
-        expires_in: seconds_of(&raw.expires_in).unwrap_or(Duration::from_secs(900)),
+        expires_in: seconds_of(&raw.expires_in)
+            .unwrap_or(Duration::from_secs(900))
+            .min(MAX_DEVICE_CODE_LIFETIME),
         // RFC 8628 §3.2: five seconds when the server names no interval.
         interval: raw
             .interval
             .as_ref()
             .and_then(seconds_of)
             .filter(|d| !d.is_zero())
-            .unwrap_or(Duration::from_secs(5)),
+            .unwrap_or(Duration::from_secs(5))
+            .min(MAX_POLL_INTERVAL),
         message: raw.message,
     })
 }

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{Identity, Provider, TokenSettings};
+use crate::oauth::endpoint::MAX_TOKEN_LIFETIME;
 use crate::oauth::grants::Granted;
 use crate::oauth::status::{IdentityStatus, State};
 use crate::oauth::{AccessToken, TokenError};
@@ -262,8 +263,10 @@ fn initial_state(
         && expires > unix
     {
         let obtained = record.last_refresh.unwrap_or(unix).min(unix);
-        let lifetime = Duration::from_secs(expires - obtained);
-        let left = Duration::from_secs(expires - unix);
+        // Bounded like a lifetime just received: a record written before answers were
+        // bounded may hold an expiry no clock can reach.
+        let lifetime = Duration::from_secs(expires - obtained).min(MAX_TOKEN_LIFETIME);
+        let left = Duration::from_secs(expires - unix).min(MAX_TOKEN_LIFETIME);
         st.token = Some(Held::restored(
             secret,
             lifetime,
