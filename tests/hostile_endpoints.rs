@@ -1,8 +1,8 @@
 //! Token and device-authorization answers no sane provider sends, from a fake endpoint on
 //! loopback that answers whatever the test scripts: lifetimes and intervals beyond any
-//! clock. The bridge must take them as a bounded token or a failed login, never a panic; and
-//! a token file an earlier release wrote after such an answer must not stop the bridge from
-//! starting.
+//! clock, bodies that never end. The bridge must take them as a bounded token, a failed
+//! login or an unreadable answer, never a panic; and a token file an earlier release wrote
+//! after such an answer must not stop the bridge from starting.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,7 +13,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use smtp_oauth_bridge::config::Config;
 use smtp_oauth_bridge::oauth::TokenManager;
-use smtp_oauth_bridge::oauth::endpoint::Http;
+use smtp_oauth_bridge::oauth::endpoint::{EndpointError, Http};
 use smtp_oauth_bridge::oauth::grants::HttpTokenSource;
 use smtp_oauth_bridge::oauth::login::{self, LoginError, Method, Request};
 use smtp_oauth_bridge::store::{Store, TokenRecord, unix_now};
@@ -32,6 +32,8 @@ const ABSURD: [&str; 3] = [
 #[derive(Clone)]
 enum Answer {
     Json(u16, String),
+    /// A chunked 200 whose body is `prefix` and then spaces, up to 64 MiB.
+    Endless(String),
 }
 
 /// An HTTP endpoint on loopback answering each path with its scripted answer.
@@ -39,6 +41,8 @@ struct Fake {
     addr: SocketAddr,
     answers: Arc<Mutex<HashMap<String, Answer>>>,
     requests: Arc<AtomicU64>,
+    /// Body bytes of `Endless` answers the client took.
+    streamed: Arc<AtomicU64>,
 }
 
 impl Fake {
@@ -48,12 +52,17 @@ impl Fake {
             addr: listener.local_addr().unwrap(),
             answers: Arc::default(),
             requests: Arc::default(),
+            streamed: Arc::default(),
         };
-        let (answers, requests) = (fake.answers.clone(), fake.requests.clone());
+        let (answers, requests, streamed) = (
+            fake.answers.clone(),
+            fake.requests.clone(),
+            fake.streamed.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 requests.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve(stream, answers.clone()));
+                tokio::spawn(serve(stream, answers.clone(), streamed.clone()));
             }
         });
         fake
@@ -68,7 +77,11 @@ impl Fake {
     }
 }
 
-async fn serve(mut stream: TcpStream, answers: Arc<Mutex<HashMap<String, Answer>>>) {
+async fn serve(
+    mut stream: TcpStream,
+    answers: Arc<Mutex<HashMap<String, Answer>>>,
+    streamed: Arc<AtomicU64>,
+) {
     // The request: head, then a form body of Content-Length bytes.
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -108,6 +121,25 @@ async fn serve(mut stream: TcpStream, answers: Arc<Mutex<HashMap<String, Answer>
                 body.len()
             );
             let _ = stream.write_all(text.as_bytes()).await;
+        }
+        Some(Answer::Endless(prefix)) => {
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                        Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+            if stream.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut piece = format!("{:x}\r\n{prefix}\r\n", prefix.len()).into_bytes();
+            let spaces = [b' '; 64 * 1024];
+            for _ in 0..1024 {
+                if stream.write_all(&piece).await.is_err() {
+                    return;
+                }
+                streamed.fetch_add(piece.len() as u64, Ordering::SeqCst);
+                piece = format!("{:x}\r\n", spaces.len()).into_bytes();
+                piece.extend_from_slice(&spaces);
+                piece.extend_from_slice(b"\r\n");
+            }
+            let _ = stream.write_all(b"1\r\n}\r\n0\r\n\r\n").await;
         }
     }
     let _ = stream.shutdown().await;
@@ -285,4 +317,23 @@ async fn an_endless_polling_interval_ends_with_the_code_expired() {
         );
         assert!(store.load("printer").unwrap().is_none(), "nothing stored");
     }
+}
+
+#[tokio::test]
+async fn a_token_answer_that_never_ends_is_refused_after_256_kib() {
+    let fake = Fake::start().await;
+    fake.answer(
+        "/token",
+        Answer::Endless(r#"{"access_token":"at-1","expires_in":3600"#.into()),
+    );
+    let form = [("grant_type", "client_credentials")];
+    let result = http().token(&fake.url("/token"), &form).await;
+    match result {
+        Err(EndpointError::Unreadable { status: 200, len }) => assert!(len >= 256 * 1024),
+        Err(e) => panic!("{e:?}"),
+        Ok(_) => panic!("a 64 MiB answer was read whole and taken"),
+    }
+    // Kernel buffers hold a few megabytes; the rest is never sent.
+    let streamed = fake.streamed.load(Ordering::SeqCst);
+    assert!(streamed < 16 << 20, "{streamed} bytes taken");
 }

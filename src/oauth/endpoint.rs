@@ -14,7 +14,8 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-/// Answers larger than this are refused unread: token answers are a few kilobytes.
+/// Answers larger than this are refused, and read no further: token answers are a few
+/// kilobytes.
 const MAX_ANSWER: usize = 256 * 1024;
 
 /// The longest an access token is kept, whatever `expires_in` says. Real ones live an hour
@@ -154,23 +155,29 @@ impl Http {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        if response
-            .content_length()
-            .is_some_and(|n| n > MAX_ANSWER as u64)
-        {
-            return Err(EndpointError::Unreadable {
-                status,
-                len: MAX_ANSWER,
-            });
+        let too_large = |len: usize| EndpointError::Unreadable { status, len };
+        let declared = response.content_length().unwrap_or(0);
+        if declared > MAX_ANSWER as u64 {
+            return Err(too_large(MAX_ANSWER));
         }
-        let body = response
-            .bytes()
+        // Read piece by piece: a chunked or close-delimited answer declares no length, and
+        // must not grow without bound either.
+        let mut body = Zeroizing::new(Vec::with_capacity(declared as usize));
+        let mut response = response;
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| EndpointError::Transport(describe_reqwest_error(&e)))?;
+            .map_err(|e| EndpointError::Transport(describe_reqwest_error(&e)))?
+        {
+            if body.len() + chunk.len() > MAX_ANSWER {
+                return Err(too_large(body.len() + chunk.len()));
+            }
+            body.extend_from_slice(&chunk);
+        }
         Ok(Answer {
             status,
             retry_after,
-            body: Zeroizing::new(body.to_vec()),
+            body,
         })
     }
 }
