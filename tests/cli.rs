@@ -86,6 +86,57 @@ fn a_bad_config_prints_one_line_naming_the_key_and_exits_64() {
 }
 
 #[test]
+fn a_timeout_meant_as_never_is_a_config_error_not_a_crash_per_connection() {
+    // Deadlines are the clock plus the timeout: these overflowed it at every connection,
+    // every pool wait, or at shutdown.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let hash = smtp_oauth_bridge::users::hash_password("pw").unwrap();
+    let account = format!(
+        "[[accounts]]\nusername = \"a@contoso.com\"\npassword_hash = \"{hash}\"\n\
+         tenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\nclient_secret = \"s\"\n"
+    );
+    for (table, key) in [
+        ("timeouts", "session"),
+        ("timeouts", "client_idle"),
+        ("timeouts", "tls_handshake"),
+        ("timeouts", "upstream_command"),
+        ("timeouts", "token_request"),
+        ("pool", "wait"),
+    ] {
+        let text = format!("[{table}]\n{key} = 9223372036854775807\n{account}");
+        std::fs::write(&path, text).unwrap();
+        let out = bridge()
+            .arg("--config")
+            .arg(&path)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{table}.{key}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!("{table}.{key}: must be at most 31622400 seconds")),
+            "{stderr}"
+        );
+    }
+    // A year is still allowed.
+    let text = format!("[timeouts]\nsession = 31622400\n{account}");
+    std::fs::write(&path, text).unwrap();
+    let out = bridge()
+        .arg("--config")
+        .arg(&path)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn hash_password_reads_stdin_and_prints_a_verifiable_hash() {
     let mut cmd = bridge();
     cmd.arg("hash-password");

@@ -73,6 +73,23 @@ fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The longest a timeout may be. Deadlines are the clock plus a timeout, and one near
+/// 2^63 seconds (a "never" some administrators write) would overflow that sum.
+const LONGEST_TIMEOUT: u64 = 366 * 24 * 3600;
+
+/// A timeout in whole seconds: at least one, at most [`LONGEST_TIMEOUT`].
+fn timeout(key: String, value: Option<u64>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(0) => Err(err(key, "must be at least 1 second")),
+        Some(s) if s > LONGEST_TIMEOUT => Err(err(
+            key,
+            format!("must be at most {LONGEST_TIMEOUT} seconds (a year)"),
+        )),
+        Some(s) => Ok(Duration::from_secs(s)),
+    }
+}
+
 /// The checked configuration the daemon runs with.
 pub struct Config {
     pub server: ServerSettings,

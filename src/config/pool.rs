@@ -52,10 +52,8 @@ pub(super) struct RawPool {
 /// the pool; it is checked here because only pooled sessions live long enough to matter.
 pub(super) fn check_pool(raw: &RawPool, max_age: Duration) -> Result<PoolSettings, ConfigError> {
     let d = PoolSettings::default();
-    let seconds = |key: &str, value: Option<u64>, default: Duration| match value {
-        Some(0) => Err(err(format!("pool.{key}"), "must be at least 1 second")),
-        Some(s) => Ok(Duration::from_secs(s)),
-        None => Ok(default),
+    let seconds = |key: &str, value: Option<u64>, default: Duration| {
+        super::timeout(format!("pool.{key}"), value, default)
     };
     let max_sessions = match raw.max_sessions {
         Some(0) => return Err(err("pool.max_sessions", "must be at least 1")),

@@ -300,10 +300,8 @@ fn check_local_tls(raw: &RawTls) -> Result<Option<LocalTls>, ConfigError> {
 
 pub(super) fn check_timeouts(raw: &RawTimeouts) -> Result<Timeouts, ConfigError> {
     let d = Timeouts::default();
-    let pick = |key: &str, value: Option<u64>, default: Duration| match value {
-        Some(0) => Err(err(format!("timeouts.{key}"), "must be at least 1 second")),
-        Some(s) => Ok(Duration::from_secs(s)),
-        None => Ok(default),
+    let pick = |key: &str, value: Option<u64>, default: Duration| {
+        super::timeout(format!("timeouts.{key}"), value, default)
     };
     Ok(Timeouts {
         client_idle: pick("client_idle", raw.client_idle, d.client_idle)?,
