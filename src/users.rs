@@ -30,6 +30,12 @@ pub const DEMO_PASSWORD_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FuZGJveC1
 /// A hash nobody's password matches, verified for unknown usernames to even out timing.
 const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$ZHVtbXktc2FsdC1mb3ItdGltaW5n$3SKNHxr2ZHvc32srtCDuKf1ay5GnzF2AnR8u2ZrOzEE";
 
+/// The most memory a configured hash may ask argon2 for, in KiB: RFC 9106's first
+/// recommendation (2 GiB, one pass) fits.
+const MAX_MEMORY_KIB: u64 = 2 * 1024 * 1024;
+/// The most work, in KiB of memory × passes (its second, 64 MiB × 3, is far below).
+const MAX_WORK: u64 = 4 * 1024 * 1024;
+
 /// Makes a PHC string (`$argon2id$...`) for `password` with a random salt.
 pub fn hash_password(password: &str) -> Result<String, String> {
     Argon2::default()
@@ -43,6 +49,16 @@ pub fn check_hash(hash: &str) -> Result<(), String> {
     let parsed = PasswordHash::new(hash).map_err(|_| "not a PHC hash string".to_string())?;
     if !parsed.algorithm.as_str().starts_with("argon2") {
         return Err("only argon2 hashes are supported".into());
+    }
+    // Every login (and the demo-password check at load) pays what the hash asks for; a
+    // damaged `m=` or `t=` would ask for terabytes, which aborts the process, or for hours.
+    if let Ok(params) = argon2::Params::try_from(&parsed) {
+        let (memory, passes) = (u64::from(params.m_cost()), u64::from(params.t_cost()));
+        if memory > MAX_MEMORY_KIB || memory * passes > MAX_WORK {
+            return Err(
+                "asks argon2 for more than 2 GiB of memory, or for more than 4 GiB × passes".into(),
+            );
+        }
     }
     Ok(())
 }
@@ -223,6 +239,24 @@ mod tests {
         assert!(verify_blocking("correct horse", &hash));
         assert!(!verify_blocking("correct hors", &hash));
         assert!(check_hash("plaintext").is_err());
+    }
+
+    #[test]
+    fn hashes_asking_for_unbounded_work_are_refused() {
+        let hash = hash_password("pw").unwrap();
+        let (_, rest) = hash.split_once(",t=").unwrap();
+        let (_, tail) = rest.split_once(",p=").unwrap();
+        let with = |m: u32, t: u32| format!("$argon2id$v=19$m={m},t={t},p={tail}");
+        // RFC 9106's recommendations: 2 GiB and one pass; 64 MiB and three passes.
+        assert!(check_hash(&with(2 * 1024 * 1024, 1)).is_ok());
+        assert!(check_hash(&with(64 * 1024, 3)).is_ok());
+        assert!(check_hash(&with(u32::MAX, 1)).is_err(), "4 TiB");
+        assert!(check_hash(&with(2 * 1024 * 1024 + 1, 1)).is_err());
+        assert!(
+            check_hash(&with(19456, u32::MAX)).is_err(),
+            "hours per login"
+        );
+        assert!(check_hash(&with(1024 * 1024, 5)).is_err());
     }
 
     #[test]

@@ -137,6 +137,36 @@ fn a_timeout_meant_as_never_is_a_config_error_not_a_crash_per_connection() {
 }
 
 #[test]
+fn a_hash_asking_argon2_for_terabytes_is_a_config_error_not_an_abort() {
+    // m= is in KiB: one digit too many, or a damaged file, and every check of the hash
+    // (the first one at load, to refuse the demo password) asked the allocator for 4 TiB.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let hash = smtp_oauth_bridge::users::hash_password("pw").unwrap();
+    let (_, rest) = hash.split_once(",t=").unwrap();
+    let damaged = format!("$argon2id$v=19$m=4294967295,t={rest}");
+    std::fs::write(
+        &path,
+        format!(
+            "[[accounts]]\nusername = \"a@contoso.com\"\npassword_hash = \"{damaged}\"\n\
+             tenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\nclient_secret = \"s\"\n"
+        ),
+    )
+    .unwrap();
+    let out = bridge()
+        .arg("--config")
+        .arg(&path)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("accounts[0].password_hash"), "{stderr}");
+    assert!(stderr.contains("2 GiB"), "{stderr}");
+}
+
+#[test]
 fn hash_password_reads_stdin_and_prints_a_verifiable_hash() {
     let mut cmd = bridge();
     cmd.arg("hash-password");
