@@ -320,6 +320,28 @@ fn sigint_drains_like_sigterm() {
     assert_eq!(d.exit_code(), Some(0), "{}", d.log());
 }
 
+/// Ctrl-C pressed twice: the second one does not wait out a long grace period for a client
+/// that is taking its time, and the half-sent message is not delivered.
+#[test]
+fn a_second_sigint_stops_without_waiting_for_the_grace_period() {
+    let mut d = Daemon::start("", "[timeouts]\nshutdown_grace = 60", &[]);
+    d.wait_note("READY=1");
+    let mut c = Client::mid_data(d.addr(), "cut short");
+    d.signal("INT");
+    d.wait_note("STOPPING=1");
+    // Still draining: the client's transaction may finish.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(d.child.try_wait().unwrap().is_none(), "{}", d.log());
+    let stopped_at = Instant::now();
+    d.signal("INT");
+    let told = c.reply();
+    assert!(told.starts_with("421 4.3.2"), "{told}");
+    assert_eq!(d.exit_code(), Some(0), "{}", d.log());
+    assert!(stopped_at.elapsed() < Duration::from_secs(10));
+    assert!(d.log().contains("asked to stop again"), "{}", d.log());
+    assert!(d.delivered().is_empty(), "a partial message was delivered");
+}
+
 #[test]
 fn sighup_reloads_the_file_and_refuses_a_bad_one() {
     let mut d = Daemon::start(
