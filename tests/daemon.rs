@@ -614,3 +614,60 @@ fn doctor_passes_on_the_sandbox_and_fails_with_a_fix_otherwise() {
         "{text}"
     );
 }
+
+/// Sandbox mode is as strict as Office365: a mailbox sends only as itself, so another sender
+/// gets `554 5.2.252 SendAsDenied` after the data and the log says what to change; and a
+/// fourth concurrent session for one mailbox is refused, which a pool set above Office365's
+/// limit turns into `451 4.3.2` for the client, with the log naming the setting.
+#[test]
+fn the_sandbox_refuses_what_office365_refuses() {
+    let mut d = Daemon::start("", "[pool]\nmax_sessions = 4\nwait = 1", &[]);
+    d.wait_note("READY=1");
+    let addr = d.addr();
+
+    let (mut c, _) = Client::connect(addr);
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    let plain = base64_plain(USER, DEMO_PASSWORD);
+    assert!(c.cmd(&format!("AUTH PLAIN {plain}")).starts_with("235"));
+    assert!(c.cmd("MAIL FROM:<ceo@sandbox.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<someone@example.com>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: not mine to send\r\n\r\nbody\r\n.\r\n");
+    let verdict = c.reply();
+    assert!(verdict.starts_with("554 5.2.252"), "{verdict}");
+    assert!(verdict.contains("SendAsDenied"), "{verdict}");
+    assert!(
+        d.delivered().is_empty(),
+        "a message sent as another address was stored"
+    );
+    assert!(
+        d.log().contains("fix=\"send as the mailbox itself"),
+        "{}",
+        d.log()
+    );
+
+    // Three transactions hold three provider sessions; a fourth session is refused.
+    let mut holding: Vec<Client> = (0..3)
+        .map(|i| Client::mid_data(addr, &format!("holding {i}")))
+        .collect();
+    let (mut fourth, _) = Client::connect(addr);
+    assert!(fourth.cmd("EHLO client.test").starts_with("250"));
+    assert!(
+        fourth
+            .cmd(&format!("AUTH PLAIN {plain}"))
+            .starts_with("235")
+    );
+    let refused = fourth.cmd(&format!("MAIL FROM:<{USER}>"));
+    assert!(refused.starts_with("451 4.3.2"), "{refused}");
+    assert!(
+        d.log().contains("refused another concurrent session"),
+        "{}",
+        d.log()
+    );
+    for c in &mut holding {
+        c.send(b"rest\r\n.\r\n");
+        let done = c.reply();
+        assert!(done.starts_with("250"), "{done}");
+    }
+    assert_eq!(d.delivered().len(), 3);
+}
