@@ -338,7 +338,7 @@ fn a_second_sigint_stops_without_waiting_for_the_grace_period() {
     assert!(told.starts_with("421 4.3.2"), "{told}");
     assert_eq!(d.exit_code(), Some(0), "{}", d.log());
     assert!(stopped_at.elapsed() < Duration::from_secs(10));
-    assert!(d.log().contains("asked to stop again"), "{}", d.log());
+    d.wait_log("asked to stop again");
     assert!(d.delivered().is_empty(), "a partial message was delivered");
 }
 
@@ -640,11 +640,7 @@ fn the_sandbox_refuses_what_office365_refuses() {
         d.delivered().is_empty(),
         "a message sent as another address was stored"
     );
-    assert!(
-        d.log().contains("fix=\"send as the mailbox itself"),
-        "{}",
-        d.log()
-    );
+    d.wait_log("fix=\"send as the mailbox itself");
 
     // Three transactions hold three provider sessions; a fourth session is refused.
     let mut holding: Vec<Client> = (0..3)
@@ -659,11 +655,7 @@ fn the_sandbox_refuses_what_office365_refuses() {
     );
     let refused = fourth.cmd(&format!("MAIL FROM:<{USER}>"));
     assert!(refused.starts_with("451 4.3.2"), "{refused}");
-    assert!(
-        d.log().contains("refused another concurrent session"),
-        "{}",
-        d.log()
-    );
+    d.wait_log("refused another concurrent session");
     for c in &mut holding {
         c.send(b"rest\r\n.\r\n");
         let done = c.reply();
