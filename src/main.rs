@@ -211,11 +211,14 @@ fn serving_status(bridge: &Bridge) -> String {
     )
 }
 
-/// SIGHUP reloads the configuration file; SIGTERM and SIGINT drain and stop.
+/// SIGHUP reloads the configuration file; SIGTERM and SIGINT drain and stop. A second
+/// SIGTERM or SIGINT during the drain (Ctrl-C pressed twice) stops without waiting out the
+/// grace period: open sessions hear 421 and nothing half-sent is delivered.
 async fn handle_signals(control: mpsc::Sender<Control>, path: PathBuf) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut hup)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; stop the bridge with SIGKILL");
@@ -224,11 +227,16 @@ async fn handle_signals(control: mpsc::Sender<Control>, path: PathBuf) {
     loop {
         tokio::select! {
             _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = int.recv() => break,
             _ = hup.recv() => reload(&control, &path).await,
         }
     }
     systemd::stopping();
+    let _ = control.send(Control::Shutdown).await;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
     let _ = control.send(Control::Shutdown).await;
 }
 

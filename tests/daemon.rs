@@ -320,6 +320,28 @@ fn sigint_drains_like_sigterm() {
     assert_eq!(d.exit_code(), Some(0), "{}", d.log());
 }
 
+/// Ctrl-C pressed twice: the second one does not wait out a long grace period for a client
+/// that is taking its time, and the half-sent message is not delivered.
+#[test]
+fn a_second_sigint_stops_without_waiting_for_the_grace_period() {
+    let mut d = Daemon::start("", "[timeouts]\nshutdown_grace = 60", &[]);
+    d.wait_note("READY=1");
+    let mut c = Client::mid_data(d.addr(), "cut short");
+    d.signal("INT");
+    d.wait_note("STOPPING=1");
+    // Still draining: the client's transaction may finish.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(d.child.try_wait().unwrap().is_none(), "{}", d.log());
+    let stopped_at = Instant::now();
+    d.signal("INT");
+    let told = c.reply();
+    assert!(told.starts_with("421 4.3.2"), "{told}");
+    assert_eq!(d.exit_code(), Some(0), "{}", d.log());
+    assert!(stopped_at.elapsed() < Duration::from_secs(10));
+    d.wait_log("asked to stop again");
+    assert!(d.delivered().is_empty(), "a partial message was delivered");
+}
+
 #[test]
 fn sighup_reloads_the_file_and_refuses_a_bad_one() {
     let mut d = Daemon::start(
@@ -591,4 +613,53 @@ fn doctor_passes_on_the_sandbox_and_fails_with_a_fix_otherwise() {
         !text.contains("client_secret = \"y\"") && !text.contains(" y "),
         "{text}"
     );
+}
+
+/// Sandbox mode is as strict as Office365: a mailbox sends only as itself, so another sender
+/// gets `554 5.2.252 SendAsDenied` after the data and the log says what to change; and a
+/// fourth concurrent session for one mailbox is refused, which a pool set above Office365's
+/// limit turns into `451 4.3.2` for the client, with the log naming the setting.
+#[test]
+fn the_sandbox_refuses_what_office365_refuses() {
+    let mut d = Daemon::start("", "[pool]\nmax_sessions = 4\nwait = 1", &[]);
+    d.wait_note("READY=1");
+    let addr = d.addr();
+
+    let (mut c, _) = Client::connect(addr);
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    let plain = base64_plain(USER, DEMO_PASSWORD);
+    assert!(c.cmd(&format!("AUTH PLAIN {plain}")).starts_with("235"));
+    assert!(c.cmd("MAIL FROM:<ceo@sandbox.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<someone@example.com>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: not mine to send\r\n\r\nbody\r\n.\r\n");
+    let verdict = c.reply();
+    assert!(verdict.starts_with("554 5.2.252"), "{verdict}");
+    assert!(verdict.contains("SendAsDenied"), "{verdict}");
+    assert!(
+        d.delivered().is_empty(),
+        "a message sent as another address was stored"
+    );
+    d.wait_log("fix=\"send as the mailbox itself");
+
+    // Three transactions hold three provider sessions; a fourth session is refused.
+    let mut holding: Vec<Client> = (0..3)
+        .map(|i| Client::mid_data(addr, &format!("holding {i}")))
+        .collect();
+    let (mut fourth, _) = Client::connect(addr);
+    assert!(fourth.cmd("EHLO client.test").starts_with("250"));
+    assert!(
+        fourth
+            .cmd(&format!("AUTH PLAIN {plain}"))
+            .starts_with("235")
+    );
+    let refused = fourth.cmd(&format!("MAIL FROM:<{USER}>"));
+    assert!(refused.starts_with("451 4.3.2"), "{refused}");
+    d.wait_log("refused another concurrent session");
+    for c in &mut holding {
+        c.send(b"rest\r\n.\r\n");
+        let done = c.reply();
+        assert!(done.starts_with("250"), "{done}");
+    }
+    assert_eq!(d.delivered().len(), 3);
 }

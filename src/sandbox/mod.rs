@@ -101,6 +101,13 @@ impl Sandbox {
             ..Office365Config::default()
         };
         let office365 = Office365::start(tls, Arc::clone(&registry), office365_config).await?;
+        // Strict where Office365 is: a mailbox sends only as itself, with at most three
+        // sessions at once. A trial run then meets the refusals the real service gives.
+        office365.set_behaviour(Behaviour {
+            enforce_send_as: true,
+            max_concurrent_sessions_per_user: Some(3),
+            ..Behaviour::default()
+        });
 
         Ok(Sandbox {
             ca,

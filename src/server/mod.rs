@@ -64,7 +64,8 @@ pub enum Control {
     /// Apply a new, already checked configuration; the answer says what changed or why it was
     /// refused (the running configuration stays then).
     Reload(Box<Config>, oneshot::Sender<Result<String, String>>),
-    /// Stop accepting, drain, and return.
+    /// Stop accepting, drain, and return. Sent again during the drain, it ends the grace
+    /// period at once.
     Shutdown,
 }
 
@@ -312,7 +313,7 @@ impl Bridge {
         }
 
         let grace = grace.unwrap_or(current(&self.current).config.timeouts.shutdown_grace);
-        self.drain(acceptors, &sessions, grace).await;
+        self.drain(acceptors, &sessions, grace, &mut control).await;
         // Pooled provider sessions say goodbye rather than vanish.
         current(&self.current).pool.close_all(HARD_STOP).await;
         if let Some(admin) = admin {
@@ -431,6 +432,7 @@ impl Bridge {
         acceptors: Vec<Acceptor>,
         sessions: &listeners::Sessions,
         grace: Duration,
+        control: &mut mpsc::Receiver<Control>,
     ) {
         tracing::info!(
             grace_s = grace.as_secs(),
@@ -444,18 +446,41 @@ impl Bridge {
         let _ = self.lifecycle.send(Lifecycle::Draining);
         let mut sessions = sessions.lock().await;
         let drained = async { while sessions.join_next().await.is_some() {} };
-        if tokio::time::timeout(grace, drained).await.is_ok() {
-            return;
+        tokio::select! {
+            finished = tokio::time::timeout(grace, drained) => {
+                if finished.is_ok() {
+                    return;
+                }
+                tracing::warn!(
+                    grace_s = grace.as_secs(),
+                    open = sessions.len(),
+                    "sessions still open after the grace period; telling them 421 and closing"
+                );
+            }
+            () = stop_requested_again(control) => tracing::warn!(
+                open = sessions.len(),
+                "asked to stop again: not waiting for the grace period; telling open \
+                 sessions 421 and closing"
+            ),
         }
-        tracing::warn!(
-            grace_s = grace.as_secs(),
-            open = sessions.len(),
-            "sessions still open after the grace period; telling them 421 and closing"
-        );
         let _ = self.lifecycle.send(Lifecycle::Stopping);
         let stopped = async { while sessions.join_next().await.is_some() {} };
         if tokio::time::timeout(HARD_STOP, stopped).await.is_err() {
             sessions.abort_all();
+        }
+    }
+}
+
+/// Completes when a second [`Control::Shutdown`] arrives; a reload asked for meanwhile is
+/// refused, and a closed channel means nobody can ask.
+async fn stop_requested_again(control: &mut mpsc::Receiver<Control>) {
+    loop {
+        match control.recv().await {
+            Some(Control::Shutdown) => return,
+            Some(Control::Reload(_, answer)) => {
+                let _ = answer.send(Err("the bridge is shutting down".to_string()));
+            }
+            None => std::future::pending::<()>().await,
         }
     }
 }
