@@ -379,11 +379,13 @@ async fn a_restarted_bridge_keeps_the_keepalive_clock_and_the_cached_token() {
             "printer",
             &TokenRecord {
                 refresh_token: Some(SecretString::from("rt-old".to_string())),
-                refresh_token_received: Some(now - 600),
-                refresh_token_used: Some(now - 600),
+                refresh_token_received: Some(now - 12 * 3600),
+                refresh_token_used: Some(now - 12 * 3600),
                 access_token: Some(SecretString::from("at-cached".to_string())),
-                access_token_expires: Some(now + 3 * 24 * 3600),
-                last_refresh: Some(now - 600),
+                // A day-long token (the longest kept), obtained four hours ago: it outlives
+                // the keep-alive.
+                access_token_expires: Some(now + 20 * 3600),
+                last_refresh: Some(now - 4 * 3600),
                 ..TokenRecord::default()
             },
         )
@@ -395,9 +397,9 @@ async fn a_restarted_bridge_keeps_the_keepalive_clock_and_the_cached_token() {
     assert_eq!(secret(&tokens.token("printer").await.unwrap()), "at-cached");
     assert!(script.calls().is_empty());
     assert_eq!(state(&tokens), State::Ok);
-    // Used ten minutes before the restart: redeemed a day after that use (give or take the
+    // Used twelve hours before the restart: redeemed a day after that use (give or take the
     // second the wall clock may have ticked since the record was written).
-    sleep(DAY - Duration::from_secs(602)).await;
+    sleep(DAY / 2 - Duration::from_secs(2)).await;
     assert!(script.calls().is_empty());
     sleep(Duration::from_secs(3)).await;
     assert_eq!(script.calls().len(), 1);
