@@ -61,8 +61,8 @@ enum Command {
         /// Like --browser without the listener: paste the address the browser ends up on.
         #[arg(long)]
         paste: bool,
-        /// Minutes a browser sign-in may take.
-        #[arg(long, default_value_t = 10)]
+        /// Minutes a browser sign-in may take (1 to 1440).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1440))]
         timeout: u64,
     },
     /// List each account: its identity, flow, state, token expiry, last refresh and
@@ -125,7 +125,7 @@ fn main() -> ExitCode {
                     (_, _, true) => Some(Method::Paste),
                     _ => None,
                 };
-                let timeout = Duration::from_secs(timeout.max(1) * 60);
+                let timeout = Duration::from_secs(timeout * 60);
                 finish(runtime().block_on(cli::login(&config, &identity, method, timeout)))
             }
             Err(code) => code,

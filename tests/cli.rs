@@ -167,6 +167,21 @@ fn a_hash_asking_argon2_for_terabytes_is_a_config_error_not_an_abort() {
 }
 
 #[test]
+fn a_login_timeout_out_of_range_is_a_usage_error() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml");
+    for minutes in ["0", "1441", "18446744073709551615"] {
+        let out = bridge()
+            .args(["--config", config, "login", "printer", "--timeout", minutes])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--timeout {minutes}: {stderr}");
+        assert!(stderr.contains("--timeout"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
 fn hash_password_reads_stdin_and_prints_a_verifiable_hash() {
     let mut cmd = bridge();
     cmd.arg("hash-password");
