@@ -715,8 +715,10 @@ impl Session {
             }
             return self.respond(wire, &reply).await;
         }
-        if behaviour.enforce_send_as && !message.mail_from.eq_ignore_ascii_case(&auth.user) {
-            let reply = send_as_denied(&auth.user, &message.mail_from, self.host());
+        if behaviour.enforce_send_as
+            && let Some(other) = sent_as_other(&message, &auth.user)
+        {
+            let reply = send_as_denied(&auth.user, &other, self.host());
             return self.respond(wire, &reply).await;
         }
         if let Err(error) = self.shared.store(message).await {
@@ -936,6 +938,19 @@ fn printable(bytes: &[u8], max: usize) -> String {
         .take(max)
         .map(|&b| char::from(b))
         .collect()
+}
+
+/// The address a message is sent as when that is not `user`'s own: the envelope sender, or
+/// an address in the `From:` header. Office365 checks both against the mailbox.
+fn sent_as_other(message: &StoredMessage, user: &str) -> Option<String> {
+    if !message.mail_from.eq_ignore_ascii_case(user) {
+        return Some(message.mail_from.clone());
+    }
+    let data = &message.data;
+    let end = crate::smtp::headers::header_section_end(data).unwrap_or(data.len());
+    crate::smtp::headers::from_addresses(&data[..end])
+        .into_iter()
+        .find(|address| !address.eq_ignore_ascii_case(user))
 }
 
 /// The long SendAs refusal of PROTOCOL.md §1.6, with a diagnostic blob like the real one's.

@@ -579,6 +579,31 @@ async fn implicit_tls_and_send_as_check() {
         "{reply}"
     );
     assert!(office365.messages().is_empty());
+
+    // The envelope may be the mailbox's own while the header says otherwise.
+    tls.command(&format!("MAIL FROM:<{USER}>")).await;
+    tls.command("RCPT TO:<b@example.test>").await;
+    tls.command("DATA").await;
+    let reply = tls
+        .command("From: The Boss <Boss@Example.test>\r\nSubject: hi\r\n\r\nhi\r\n.")
+        .await;
+    assert!(
+        reply.starts_with(&format!(
+            "554 5.2.252 SendAsDenied; {USER} not allowed to send as boss@example.test;"
+        )),
+        "{reply}"
+    );
+    assert!(office365.messages().is_empty());
+
+    // Its own address in both places is accepted.
+    tls.command(&format!("MAIL FROM:<{USER}>")).await;
+    tls.command("RCPT TO:<b@example.test>").await;
+    tls.command("DATA").await;
+    let reply = tls
+        .command(&format!("From: Me <{USER}>\r\n\r\nhi\r\n."))
+        .await;
+    assert!(reply.starts_with("250 "), "{reply}");
+    assert_eq!(office365.messages().len(), 1);
 }
 
 #[tokio::test]
