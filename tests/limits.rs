@@ -56,6 +56,33 @@ async fn connections_are_limited_per_source_and_in_total() {
     c3.ehlo().await;
 }
 
+/// A flood of connections beyond the limits is what the limits are for: every one hears its
+/// 421, but the log gets one warning, not one per connection.
+#[tokio::test]
+async fn a_flood_of_refused_connections_writes_one_warning() {
+    let (_guard, logs) = common::capture_logs();
+    let stage = Stage::start_with(common::Options {
+        tweak: Some(Box::new(|c| c.limits.max_connections_per_source = 1)),
+        ..common::Options::default()
+    })
+    .await;
+    let _holder = SmtpClient::connect_from(stage.bridge, ip("127.0.0.1")).await;
+    for _ in 0..50 {
+        let line = first_line_from(stage.bridge, ip("127.0.0.1")).await;
+        assert!(
+            line.starts_with("421 4.7.0 Too many connections from your address"),
+            "{line}"
+        );
+    }
+    assert_eq!(
+        logs.lines_with("connection refused: too many connections")
+            .len(),
+        1,
+        "{}",
+        logs.text()
+    );
+}
+
 #[tokio::test]
 async fn failed_logins_are_throttled_per_source_and_the_right_password_works_later() {
     let (_guard, logs) = common::capture_logs();

@@ -74,6 +74,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassLabel {
     class: &'static str,
 }
@@ -132,6 +137,7 @@ pub struct Metrics {
     registry: Registry,
     connections: Counter,
     connections_active: Gauge,
+    connections_refused: Family<LimitLabel, Counter>,
     auth_successes: Counter,
     auth_failures: Family<ReasonLabel, Counter>,
     messages: Family<AccountLabel, Counter>,
@@ -167,6 +173,12 @@ impl Metrics {
             "connections_active",
             "Client connections open now",
             connections_active.clone(),
+        );
+        let connections_refused = Family::default();
+        registry.register(
+            "connections_refused",
+            "Client connections refused for the connection limits (global or per_source)",
+            connections_refused.clone(),
         );
         let auth_successes = Counter::default();
         registry.register(
@@ -236,6 +248,7 @@ impl Metrics {
             registry,
             connections,
             connections_active,
+            connections_refused,
             auth_successes,
             auth_failures,
             messages,
@@ -293,6 +306,13 @@ impl Metrics {
         self.connections.inc();
         self.connections_active.inc();
         ConnectionGuard(self.connections_active.clone())
+    }
+
+    /// A connection refused for a connection limit: `global` or `per_source`.
+    pub fn connection_refused(&self, limit: &'static str) {
+        self.connections_refused
+            .get_or_create(&LimitLabel { limit })
+            .inc();
     }
 
     pub fn auth_succeeded(&self) {
@@ -530,8 +550,17 @@ mod tests {
             m.auth_succeeded();
             m.message_relayed("printer", 1234);
             m.upstream_latency("connect", Duration::from_millis(30));
+            m.connection_refused("per_source");
+            m.connection_refused("per_source");
         }
         let text = m.encode();
+        assert_eq!(
+            value(
+                &text,
+                "smtp_oauth_bridge_connections_refused_total{limit=\"per_source\"}"
+            ),
+            Some(2.0)
+        );
         assert_eq!(
             value(&text, "smtp_oauth_bridge_connections_total"),
             Some(1.0)

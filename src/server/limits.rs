@@ -30,6 +30,14 @@ pub enum Refused {
 }
 
 impl Refused {
+    /// The limit's name in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refused::Global => "global",
+            Refused::PerSource => "per_source",
+        }
+    }
+
     /// The one line the client hears before the connection is closed.
     pub fn reply(self) -> &'static [u8] {
         match self {

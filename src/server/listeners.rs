@@ -173,13 +173,16 @@ pub(super) fn spawn(
     let listener = bound.listener;
     let kind = bound.kind;
     let task = tokio::spawn(async move {
+        let mut refusals = RefusalLog::default();
         loop {
             tokio::select! {
                 _ = &mut stop => break,
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-                        spawn_session(current(&state), &sessions, tcp, peer, id, kind).await;
+                        let shared = current(&state);
+                        spawn_session(shared, &sessions, tcp, peer, id, kind, &mut refusals)
+                            .await;
                     }
                     Err(e) => {
                         // Usually out of file descriptors: wait a little rather than spin,
@@ -200,6 +203,41 @@ pub(super) fn spawn(
     }
 }
 
+/// How often a listener warns about connections refused for the limits. A flood of them,
+/// which is what the limits are for, would otherwise write a warning per connection.
+const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// One listener's record of refused connections since its last warning.
+#[derive(Default)]
+struct RefusalLog {
+    last_warning: Option<tokio::time::Instant>,
+    since: u64,
+}
+
+impl RefusalLog {
+    /// Warns for the first refusal and then at most once per [`REFUSAL_WARNING_EVERY`],
+    /// counting the refusals in between; those are logged at debug level.
+    fn refused(&mut self, limit: &crate::server::limits::Refused) {
+        let now = tokio::time::Instant::now();
+        if self
+            .last_warning
+            .is_some_and(|at| now.duration_since(at) < REFUSAL_WARNING_EVERY)
+        {
+            self.since += 1;
+            tracing::debug!(limit = ?limit, "connection refused: too many connections");
+            return;
+        }
+        tracing::warn!(
+            limit = ?limit,
+            refused_since_last_warning = self.since,
+            "connection refused: too many connections (further refusals are counted here at \
+             most every 10 s)"
+        );
+        self.last_warning = Some(now);
+        self.since = 0;
+    }
+}
+
 async fn spawn_session(
     shared: Arc<Shared>,
     sessions: &Sessions,
@@ -207,15 +245,15 @@ async fn spawn_session(
     peer: SocketAddr,
     id: u64,
     kind: ListenerKind,
+    refusals: &mut RefusalLog,
 ) {
     let _ = tcp.set_nodelay(true);
     let span = tracing::info_span!("session", id = format_args!("{id:06x}"), client = %peer, account = tracing::field::Empty);
     let permit = match shared.guard.admit(peer.ip()) {
         Ok(permit) => permit,
         Err(refused) => {
-            span.in_scope(|| {
-                tracing::warn!(limit = ?refused, "connection refused: too many connections");
-            });
+            span.in_scope(|| refusals.refused(&refused));
+            shared.metrics.connection_refused(refused.label());
             // Outside the session set: a refusal must not hold up a drain.
             tokio::spawn(say_and_close(tcp, refused.reply()));
             return;
