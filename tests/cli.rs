@@ -13,6 +13,16 @@ fn bridge() -> Command {
     cmd
 }
 
+/// `check-config` on the file at `path`.
+fn check_config(path: &std::path::Path) -> Output {
+    bridge()
+        .arg("--config")
+        .arg(path)
+        .arg("check-config")
+        .output()
+        .unwrap()
+}
+
 fn run_with_stdin(mut cmd: Command, stdin: &str) -> Output {
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -106,12 +116,7 @@ fn a_timeout_meant_as_never_is_a_config_error_not_a_crash_per_connection() {
     ] {
         let text = format!("[{table}]\n{key} = 9223372036854775807\n{account}");
         std::fs::write(&path, text).unwrap();
-        let out = bridge()
-            .arg("--config")
-            .arg(&path)
-            .arg("check-config")
-            .output()
-            .unwrap();
+        let out = check_config(&path);
         assert_eq!(out.status.code(), Some(64), "{table}.{key}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -123,12 +128,7 @@ fn a_timeout_meant_as_never_is_a_config_error_not_a_crash_per_connection() {
     // A year is still allowed.
     let text = format!("[timeouts]\nsession = 31622400\n{account}");
     std::fs::write(&path, text).unwrap();
-    let out = bridge()
-        .arg("--config")
-        .arg(&path)
-        .arg("check-config")
-        .output()
-        .unwrap();
+    let out = check_config(&path);
     assert!(
         out.status.success(),
         "{}",
@@ -153,12 +153,7 @@ fn a_hash_asking_argon2_for_terabytes_is_a_config_error_not_an_abort() {
         ),
     )
     .unwrap();
-    let out = bridge()
-        .arg("--config")
-        .arg(&path)
-        .arg("check-config")
-        .output()
-        .unwrap();
+    let out = check_config(&path);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -518,12 +513,7 @@ fn generate_certificate_writes_a_private_key_and_never_overwrites_by_accident() 
         ),
     )
     .unwrap();
-    let out = bridge()
-        .arg("--config")
-        .arg(&config)
-        .arg("check-config")
-        .output()
-        .unwrap();
+    let out = check_config(&config);
     assert!(
         out.status.success(),
         "{}",
