@@ -230,8 +230,8 @@ impl RefusalLog {
         tracing::warn!(
             limit = ?limit,
             refused_since_last_warning = self.since,
-            "connection refused: too many connections (further refusals are counted here at \
-             most every 10 s)"
+            "connection refused: too many connections (warned at most every 10 s per listener; \
+             refused_since_last_warning counts the others)"
         );
         self.last_warning = Some(now);
         self.since = 0;
