@@ -217,7 +217,7 @@ struct RefusalLog {
 impl RefusalLog {
     /// Warns for the first refusal and then at most once per [`REFUSAL_WARNING_EVERY`],
     /// counting the refusals in between; those are logged at debug level.
-    fn refused(&mut self, limit: &crate::server::limits::Refused) {
+    fn refused(&mut self, limit: crate::server::limits::Refused) {
         let now = tokio::time::Instant::now();
         if self
             .last_warning
@@ -230,7 +230,8 @@ impl RefusalLog {
         tracing::warn!(
             limit = ?limit,
             refused_since_last_warning = self.since,
-            "connection refused: too many connections (warned at most every 10 s per listener; \
+            warned_every_s = REFUSAL_WARNING_EVERY.as_secs(),
+            "connection refused: too many connections (one warning per listener per period; \
              refused_since_last_warning counts the others)"
         );
         self.last_warning = Some(now);
@@ -252,7 +253,7 @@ async fn spawn_session(
     let permit = match shared.guard.admit(peer.ip()) {
         Ok(permit) => permit,
         Err(refused) => {
-            span.in_scope(|| refusals.refused(&refused));
+            span.in_scope(|| refusals.refused(refused));
             shared.metrics.connection_refused(refused.label());
             // Outside the session set: a refusal must not hold up a drain.
             tokio::spawn(say_and_close(tcp, refused.reply()));

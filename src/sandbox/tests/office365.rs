@@ -568,42 +568,30 @@ async fn implicit_tls_and_send_as_check() {
         .access_token;
     tls.command(&format!("AUTH XOAUTH2 {}", xoauth2(USER, &token)))
         .await;
-    tls.command("MAIL FROM:<boss@example.test>").await;
-    tls.command("RCPT TO:<b@example.test>").await;
-    tls.command("DATA").await;
-    let reply = tls.command("hi\r\n.").await;
-    assert!(
-        reply.starts_with(&format!(
-            "554 5.2.252 SendAsDenied; {USER} not allowed to send as boss@example.test;"
-        )),
-        "{reply}"
-    );
-    assert!(office365.messages().is_empty());
-
-    // The envelope may be the mailbox's own while the header says otherwise.
-    tls.command(&format!("MAIL FROM:<{USER}>")).await;
-    tls.command("RCPT TO:<b@example.test>").await;
-    tls.command("DATA").await;
-    let reply = tls
-        .command("From: The Boss <Boss@Example.test>\r\nSubject: hi\r\n\r\nhi\r\n.")
-        .await;
-    assert!(
-        reply.starts_with(&format!(
-            "554 5.2.252 SendAsDenied; {USER} not allowed to send as boss@example.test;"
-        )),
-        "{reply}"
-    );
-    assert!(office365.messages().is_empty());
-
-    // Its own address in both places is accepted.
-    tls.command(&format!("MAIL FROM:<{USER}>")).await;
-    tls.command("RCPT TO:<b@example.test>").await;
-    tls.command("DATA").await;
-    let reply = tls
-        .command(&format!("From: Me <{USER}>\r\n\r\nhi\r\n."))
-        .await;
-    assert!(reply.starts_with("250 "), "{reply}");
-    assert_eq!(office365.messages().len(), 1);
+    let denied =
+        format!("554 5.2.252 SendAsDenied; {USER} not allowed to send as boss@example.test;");
+    let own_header = format!("From: Me <{USER}>\r\n\r\nhi\r\n.");
+    let cases = [
+        // Another envelope sender.
+        ("boss@example.test", "hi\r\n.", denied.as_str(), 0),
+        // The mailbox's own envelope, another address in the header.
+        (
+            USER,
+            "From: The Boss <Boss@Example.test>\r\nSubject: hi\r\n\r\nhi\r\n.",
+            &denied,
+            0,
+        ),
+        // Its own address in both places.
+        (USER, &own_header, "250 ", 1),
+    ];
+    for (sender, message, expected, stored) in cases {
+        tls.command(&format!("MAIL FROM:<{sender}>")).await;
+        tls.command("RCPT TO:<b@example.test>").await;
+        tls.command("DATA").await;
+        let reply = tls.command(message).await;
+        assert!(reply.starts_with(expected), "{sender}: {reply}");
+        assert_eq!(office365.messages().len(), stored, "{sender}");
+    }
 }
 
 #[tokio::test]
